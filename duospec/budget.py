@@ -1,0 +1,204 @@
+"""Draft budgets from measured costs (DESIGN.md 1.1), not guesses.
+
+With per-token acceptance rate alpha, a round that drafts gamma tokens emits on average
+E(gamma) = (1 - alpha^(gamma + 1)) / (1 - alpha) tokens and costs gamma * t_draft + t_target(gamma + 1),
+where t_target(n) is one target pass over n new tokens. We pick the gamma with the most tokens per
+second. On a CPU t_target(n) is flat only up to a few tokens, so the best gamma is small; on a GPU the
+flat part is long and the best gamma grows. Both costs are measured on this machine at load (and cached
+on disk); alpha is estimated online from each request's own verification outcomes.
+
+Determinism: the policy depends only on the cost profile and on the request's own outcomes, never on
+wall-clock readings taken during the request, so a seeded sampled run repeats token for token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from duospec.models.base import Model
+
+DEFAULT_TARGET_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)
+
+
+@dataclass(frozen=True)
+class CostProfile:
+    """Seconds of one target pass over n new tokens on this machine (after a few hundred cached ones)."""
+
+    target_pass_seconds: dict[int, float]  # n new tokens -> seconds of one pass
+
+    def target_pass(self, n: int) -> float:
+        """Piecewise-linear in n between measured sizes; linear extrapolation past the largest."""
+        costs = self.target_pass_seconds
+        sizes = sorted(costs)
+        if n in costs:
+            return costs[n]
+        if n <= sizes[0] or len(sizes) == 1:
+            return costs[sizes[0]] if n <= sizes[0] else costs[sizes[-1]]
+        for low, high in zip(sizes, sizes[1:]):
+            if low < n < high:
+                weight = (n - low) / (high - low)
+                return (1 - weight) * costs[low] + weight * costs[high]
+        low, high = sizes[-2], sizes[-1]
+        return costs[high] + (costs[high] - costs[low]) / (high - low) * (n - high)
+
+
+def expected_tokens(alpha: float, gamma: int) -> float:
+    """Mean tokens emitted by a round of gamma draft tokens (accepted ones plus the recovered/bonus one)."""
+    if alpha >= 1.0:
+        return gamma + 1.0
+    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+
+
+def best_gamma(alpha: float, profile: CostProfile, draft_step_seconds: float, max_gamma: int) -> int:
+    """The gamma in 1..max_gamma with the most expected tokens per second."""
+    def rate(gamma: int) -> float:
+        cost = gamma * draft_step_seconds + profile.target_pass(gamma + 1)
+        return expected_tokens(alpha, gamma) / cost
+
+    return max(range(1, max_gamma + 1), key=rate)
+
+
+class GammaPolicy:
+    """Chooses each round's draft budget; learns alpha from the outcomes of the current request.
+
+    alpha is a discounted Beta-Bernoulli estimate: each verified draft token up to and including the
+    first rejection is one Bernoulli trial (tokens after a rejection were never tested).
+    """
+
+    def __init__(
+        self,
+        profile: CostProfile | None,
+        draft_step_seconds: float = 0.0,
+        max_gamma: int = 15,
+        fixed_gamma: int | None = None,
+        prior_alpha: float = 0.8,
+        prior_weight: float = 4.0,
+        discount: float = 0.95,
+    ) -> None:
+        self.profile = profile
+        self.draft_step_seconds = draft_step_seconds
+        self.max_gamma = max_gamma
+        self.fixed_gamma = fixed_gamma
+        self.prior_alpha = prior_alpha
+        self.prior_weight = prior_weight
+        self.discount = discount
+        if profile is None and fixed_gamma is None:
+            raise ValueError("a GammaPolicy needs a cost profile unless gamma is fixed")
+        self.reset()
+
+    def reset(self) -> None:
+        self._successes = 0.0
+        self._failures = 0.0
+
+    @property
+    def alpha(self) -> float:
+        successes = self._successes + self.prior_alpha * self.prior_weight
+        trials = self._successes + self._failures + self.prior_weight
+        return min(successes / trials, 0.99)
+
+    def next_gamma(self) -> int:
+        if self.fixed_gamma is not None or self.profile is None:
+            return self.fixed_gamma
+        return best_gamma(self.alpha, self.profile, self.draft_step_seconds, self.max_gamma)
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        if drafted == 0:
+            return  # nothing was tested (e.g. prompt lookup found no match)
+        self._successes = self._successes * self.discount + accepted
+        self._failures = self._failures * self.discount + (1.0 if accepted < drafted else 0.0)
+
+
+@torch.inference_mode()
+def measure_target_costs(model: Model, sizes: tuple[int, ...], context_tokens: int = 256, repeats: int = 3) -> dict[int, float]:
+    """Median seconds of one pass over n new tokens after `context_tokens` cached ones, for each n.
+
+    The same measurement serves `duospec profile` and the budget. The cache is restored afterwards.
+    """
+    filler = torch.arange(context_tokens, device=model.device) % max(model.vocab_size - 1, 1)
+    model.reset()
+    model.forward(filler, last_only=True)
+    model.forward(filler[:1])  # warm-up of the decode path
+    model.crop(context_tokens)
+    costs: dict[int, float] = {}
+    for n in sizes:
+        tokens = filler[:n] if n <= context_tokens else torch.arange(n, device=model.device) % (model.vocab_size - 1)
+        samples = []
+        for _ in range(repeats):
+            _synchronize(model.device)
+            start = time.perf_counter()
+            model.forward(tokens)
+            _synchronize(model.device)
+            samples.append(time.perf_counter() - start)
+            model.crop(context_tokens)
+        costs[n] = sorted(samples)[len(samples) // 2]
+    model.reset()
+    return costs
+
+
+def measure_draft_step(model: Model, context_tokens: int = 256, repeats: int = 5) -> float:
+    """Median seconds of one single-token draft step (last-position logits only)."""
+    filler = torch.arange(context_tokens, device=model.device) % max(model.vocab_size - 1, 1)
+    model.reset()
+    model.forward(filler, last_only=True)
+    samples = []
+    for _ in range(repeats + 1):
+        _synchronize(model.device)
+        start = time.perf_counter()
+        model.forward(filler[:1], last_only=True)
+        _synchronize(model.device)
+        samples.append(time.perf_counter() - start)
+    model.reset()
+    return sorted(samples[1:])[len(samples[1:]) // 2]
+
+
+def cached_measurement(key_parts: list[str] | None, measure: Callable[[], object], remeasure: bool = False) -> object:
+    """A JSON-able measurement from the disk cache when its key matches, else measured and stored.
+
+    key_parts identify model, dtype, device, threads and versions; None (in-memory test models)
+    skips the disk cache. A damaged or unwritable cache only costs a re-measurement.
+    """
+    path = None
+    if key_parts:
+        from duospec.models.registry import cache_root
+
+        digest = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:16]
+        path = cache_root() / "profiles" / f"{digest}.json"
+    if path is not None and path.exists() and not remeasure:
+        try:
+            return json.loads(path.read_text())["value"]
+        except (ValueError, KeyError):
+            pass
+    value = measure()
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"key": key_parts, "value": value}, indent=1))
+        except OSError:
+            pass
+    return value
+
+
+def target_costs_for(model: Model, key_parts: list[str] | None, remeasure: bool = False) -> dict[int, float]:
+    """Measured (or cached) target pass costs for the sizes the budget considers."""
+    value = cached_measurement(
+        key_parts and [*key_parts, "target", *map(str, DEFAULT_TARGET_SIZES)],
+        lambda: {str(n): s for n, s in measure_target_costs(model, DEFAULT_TARGET_SIZES).items()},
+        remeasure,
+    )
+    return {int(n): float(s) for n, s in value.items()}
+
+
+def draft_step_for(model: Model, key_parts: list[str] | None, remeasure: bool = False) -> float:
+    """Measured (or cached) seconds of one draft step."""
+    return float(cached_measurement(key_parts and [*key_parts, "draft-step"], lambda: measure_draft_step(model), remeasure))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

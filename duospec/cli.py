@@ -1,0 +1,164 @@
+"""`duospec` command line: one entry point, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from duospec.config import DuospecError
+from duospec.drafting import METHODS
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model and hardware flags shared by every subcommand that loads models."""
+    group = parser.add_argument_group("models and hardware")
+    group.add_argument("--target", default=None, help="target model: embedded name, local directory or hub id (default: embedded Qwen2.5-Coder-1.5B-Instruct)")
+    group.add_argument("--draft", default=None, help="draft model for sd (default: embedded Qwen2.5-Coder-0.5B-Instruct with the default target)")
+    group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
+    group.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="weights and activations (default: bfloat16, faster than float32 on CPUs with bf16 support)")
+    group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, usually the core count)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("decoding")
+    group.add_argument("--method", default="sd", help=f"one of: {', '.join(f'{name} ({spec.summary})' for name, spec in METHODS.items())}")
+    group.add_argument("--max-new-tokens", type=int, default=128)
+    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    group.add_argument("--top-p", type=float, default=1.0)
+    group.add_argument("--top-k", type=int, default=0)
+    group.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
+    group.add_argument("--gamma", type=int, default=None, help="draft tokens per round (default: chosen from measured costs)")
+    group.add_argument("--lenience", type=float, default=1.0, help="(0, 1]; < 1 accepts more drafts and is LOSSY (1 = exact)")
+    group.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="duospec", description="Lossless speculative decoding on the hardware you have.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="generate text for one prompt or a file of prompts")
+    generate.add_argument("prompt", nargs="?", default=None, help="the prompt, or - to read it from standard input")
+    generate.add_argument("--prompts-file", type=Path, default=None, help="one prompt per line, or JSONL with a 'prompt' field")
+    generate.add_argument("--json", action="store_true", help="print one JSON object per prompt (JSONL) instead of streaming text")
+    add_sampling_arguments(generate)
+    add_model_arguments(generate)
+    generate.set_defaults(handler=run_generate)
+
+    from duospec.bench.cli_commands import add_bench_commands
+
+    add_bench_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except DuospecError as error:
+        print(f"duospec: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts to answer, from the argument, standard input or --prompts-file."""
+    if args.prompts_file is not None:
+        if args.prompt is not None:
+            raise DuospecError("give either a PROMPT or --prompts-file, not both")
+        return list(_prompts_from_file(args.prompts_file))
+    if args.prompt is None:
+        raise DuospecError("no prompt given; pass PROMPT, - (read standard input) or --prompts-file FILE")
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise DuospecError("the prompt is empty; give some text")
+    return [prompt]
+
+
+def _prompts_from_file(path: Path) -> Iterator[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise DuospecError(f"cannot read prompts file {path}: {error.strerror}") from error
+    found = False
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DuospecError(f"{path}:{number}: not valid JSON ({error.msg}); use one prompt per line or JSONL with a 'prompt' field") from error
+            if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+                raise DuospecError(f"{path}:{number}: a JSONL line needs a non-empty string field 'prompt'")
+            found = True
+            yield record["prompt"]
+        else:
+            found = True
+            yield line
+    if not found:
+        raise DuospecError(f"{path} holds no prompts")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import duospec
+    from duospec.api import GenerationInterrupted
+
+    prompts = read_prompts(args)
+    options = dict(
+        method=args.method,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        gamma=args.gamma,
+        lenience=args.lenience,
+        chat=False if args.no_chat else None,
+    )
+    _validate_early(options)
+    pipe = duospec.load(args.target, args.draft, device=args.device, dtype=args.dtype, threads=args.threads)
+    for prompt in prompts:
+        stream = pipe.stream(prompt, **options)
+        try:
+            for chunk in stream:
+                if not args.json:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+        except GenerationInterrupted as interrupted:
+            _report(interrupted.result, args.json)
+            print(f"\nduospec: interrupted; kept the {interrupted.result.stats.new_tokens} tokens generated so far", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        _report(stream.result, args.json)
+    return 0
+
+
+def _validate_early(options: dict) -> None:
+    """Check flags before loading models, so a typo costs no loading time."""
+    from duospec.config import GenerationRequest, SamplingConfig
+
+    sampling = SamplingConfig(temperature=options["temperature"], top_k=options["top_k"], top_p=options["top_p"], seed=options["seed"])
+    GenerationRequest(method=options["method"], max_new_tokens=options["max_new_tokens"], sampling=sampling, gamma=options["gamma"], lenience=options["lenience"])
+
+
+def _report(result, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False), flush=True)
+        return
+    stats = result.stats
+    acceptance = "" if stats.acceptance_rate is None else f", acceptance {stats.acceptance_rate:.0%}"
+    gamma = "" if stats.gamma is None else f", gamma {stats.gamma} ({'auto' if stats.gamma_auto else 'fixed'})"
+    print(
+        f"\n[{stats.method}] {stats.new_tokens} tokens in {stats.seconds:.2f} s ({stats.tokens_per_second:.2f} tok/s), "
+        f"{stats.mean_accepted:.2f} tokens per target pass{acceptance}{gamma}, first token after {stats.ttft_seconds or 0:.2f} s, "
+        f"stop: {stats.finish_reason}",
+        file=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""User-facing settings as validated dataclasses.
+
+Every check that guards user input lives here, so a bad value fails at once with a message naming the
+knob and the fix, never as a traceback from deep inside torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+METHODS_NEEDING_DRAFT_MODEL = frozenset({"sd"})
+
+
+class DuospecError(Exception):
+    """An error caused by input or environment, with a message that says what to change.
+
+    The CLI prints these without a traceback; anything else is a bug and keeps its traceback.
+    """
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is chosen, applied identically to target and draft.
+
+    temperature == 0 means greedy decoding (argmax); top_k == 0 and top_p == 1 switch those filters off.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature) or self.temperature < 0:
+            raise DuospecError(
+                f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}; pass e.g. --temperature 0.7"
+            )
+        if math.isinf(self.temperature):
+            raise DuospecError("temperature must be finite; pass e.g. --temperature 0.7")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise DuospecError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
+            raise DuospecError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}; pass e.g. --top-p 0.9")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise DuospecError(f"seed must be an integer, got {self.seed!r}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation call: the method, its budget and its sampling settings."""
+
+    method: str = "sd"
+    max_new_tokens: int = 128
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    gamma: int | None = None  # None = chosen from measured costs (budget.py)
+    lenience: float = 1.0  # 1 = exact; < 1 accepts more drafts and is lossy (opt-in)
+
+    def __post_init__(self) -> None:
+        from duospec.drafting import METHOD_NAMES  # late import: drafting imports config
+
+        if self.method not in METHOD_NAMES:
+            raise DuospecError(
+                f"unknown method {self.method!r}; choose one of: {', '.join(sorted(METHOD_NAMES))}"
+            )
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens <= 0:
+            raise DuospecError(
+                f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}; pass e.g. --max-new-tokens 128"
+            )
+        if self.gamma is not None and (
+            not isinstance(self.gamma, int) or isinstance(self.gamma, bool) or not (1 <= self.gamma <= 64)
+        ):
+            raise DuospecError(
+                f"gamma (draft tokens per round) must be an integer in 1..64, got {self.gamma!r}; "
+                "omit it to let duospec choose from measured costs"
+            )
+        if not isinstance(self.lenience, (int, float)) or math.isnan(self.lenience) or not (0.0 < self.lenience <= 1.0):
+            raise DuospecError(
+                f"lenience must be in (0, 1] (1 = exact, lower = faster but lossy), got {self.lenience!r}"
+            )
+        if self.lenience < 1.0 and self.method == "ar":
+            raise DuospecError("lenience only applies to speculative methods (sd, pld); method 'ar' drafts nothing")

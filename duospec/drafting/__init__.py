@@ -1,0 +1,77 @@
+"""Drafters propose a TokenTree; the method registry says which drafter each method uses.
+
+One protocol serves model drafts and model-free drafts (as transformers' CandidateGenerator does):
+`propose` returns a tree rooted at the last emitted token; `feedback` hears what was accepted.
+Engines pick drafters from `METHODS` only, never by isinstance checks, so a new method is one entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from duospec.config import SamplingConfig
+from duospec.tree import TokenTree
+from duospec.verify import Verdict
+
+
+class Drafter(Protocol):
+    """Proposes draft tokens after `context` (prompt + emitted tokens; context[-1] is the root)."""
+
+    def reset(self) -> None:
+        """Forget any state from an earlier sequence."""
+        ...
+
+    def propose(
+        self,
+        context: list[int],
+        max_tokens: int,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+    ) -> TokenTree:
+        """A tree of at most `max_tokens` draft tokens rooted at context[-1] (it may hold fewer, or none)."""
+        ...
+
+    def feedback(self, verdict: Verdict) -> None:
+        """What the target kept of the last proposal."""
+        ...
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A generation method: how to build its drafter from the loaded models."""
+
+    name: str
+    summary: str
+    needs_draft_model: bool
+    # make_drafter(draft_model_or_None, target_vocab_size) -> Drafter or None (plain autoregressive)
+    make_drafter: Callable[[object | None, int], Drafter | None]
+
+
+def _no_drafter(draft_model: object | None, target_vocab: int) -> None:
+    return None
+
+
+def _chain_drafter(draft_model: object | None, target_vocab: int) -> Drafter:
+    from duospec.drafting.chain import ChainDrafter
+
+    return ChainDrafter(draft_model, target_vocab_size=target_vocab)
+
+
+def _lookup_drafter(draft_model: object | None, target_vocab: int) -> Drafter:
+    from duospec.drafting.lookup import LookupDrafter
+
+    return LookupDrafter()
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec("ar", "autoregressive: one target pass per token (the baseline)", False, _no_drafter),
+        MethodSpec("sd", "speculative decoding: a draft model proposes a chain of gamma tokens", True, _chain_drafter),
+        MethodSpec("pld", "prompt lookup: copy what followed the last n-gram earlier in the context", False, _lookup_drafter),
+    )
+}
+METHOD_NAMES = frozenset(METHODS)

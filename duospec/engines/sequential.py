@@ -1,0 +1,141 @@
+"""Draft, then verify, in one process: the loop shared by every method.
+
+Each round: 1 draft a TokenTree rooted at the last emitted token, 2 score all its nodes in one target
+pass, 3 accept a path, 4 keep exactly that path in the target cache, 5 re-budget. Autoregressive
+decoding is the same loop with no drafter (a tree of just the root).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import torch
+
+from duospec.budget import GammaPolicy
+from duospec.config import GenerationRequest
+from duospec.drafting import Drafter
+from duospec.models.base import Model
+from duospec.sampling import choose
+from duospec.stats import GenerationStats
+from duospec.tree import TokenTree
+from duospec.verify import verify
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """One generator per request; a missing seed draws a fresh one (never global RNG state)."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def generate_tokens(
+    target: Model,
+    drafter: Drafter | None,
+    prompt_ids: list[int],
+    request: GenerationRequest,
+    policy: GammaPolicy | None,
+    eos_ids: frozenset[int],
+    stats: GenerationStats,
+) -> Iterator[list[int]]:
+    """Yield the new tokens of each round until EOS, max_new_tokens or the context's end.
+
+    Sets stats.finish_reason when it ends; an interrupted consumer leaves it empty.
+    """
+    sampling = request.sampling
+    generator = make_generator(sampling.seed, target.device)
+    max_context = target.max_context or (len(prompt_ids) + request.max_new_tokens + 1)
+    target.reset()
+    if drafter is not None:
+        drafter.reset()
+    if policy is not None:
+        policy.reset()
+
+    # Prefill: the prompt in one pass gives the first token, exactly as autoregressive decoding does.
+    start = time.perf_counter()
+    logits = target.forward(torch.tensor(prompt_ids, device=target.device), last_only=True)
+    first_token = int(choose(logits, sampling, generator)[0])
+    stats.prefill_seconds += time.perf_counter() - start
+    stats.target_passes += 1
+    context = [*prompt_ids, first_token]
+    emitted = 1
+    stats.new_tokens = 1
+    stats.tokens_per_pass.append(1)
+    stats.mark_first_token()
+    yield [first_token]
+    if first_token in eos_ids:
+        stats.finish("eos")
+        return
+
+    while True:
+        remaining = request.max_new_tokens - emitted
+        room = max_context - len(context)  # positions left for draft tokens and the next token
+        if remaining <= 0:
+            stats.finish("length")
+            return
+        if room <= 0:
+            stats.finish("context")
+            return
+        # A round emits at most gamma + 1 tokens, so never draft past the request or the context.
+        gamma = min(policy.next_gamma(), remaining - 1, room - 1) if (drafter and policy) else 0
+
+        # 1. draft
+        start = time.perf_counter()
+        if drafter is not None and gamma > 0:
+            tree = drafter.propose(context, gamma, sampling, generator)
+        else:
+            tree = TokenTree.chain(torch.tensor([context[-1]], device=target.device))
+        stats.draft_seconds += time.perf_counter() - start
+
+        # 2. score every node in one target pass
+        start = time.perf_counter()
+        positions = target.cache_len + tree.depth_tensor(target.device)
+        tree_mask = None if tree.is_chain else tree.ancestor_mask(target.device)
+        logits = target.forward(tree.tokens.to(target.device), positions, tree_mask)
+        stats.target_seconds += time.perf_counter() - start
+        stats.target_passes += 1
+
+        # 3. accept a path
+        start = time.perf_counter()
+        verdict = verify(tree, logits, sampling, generator, request.lenience)
+        tree_tokens = tree.tokens.tolist()
+        new_tokens = [tree_tokens[node] for node in verdict.path[1:]] + [verdict.next_token]
+        stats.verify_seconds += time.perf_counter() - start
+
+        # 4. keep exactly the accepted path in the target cache; the new root stays uncached
+        target.keep(verdict.path)
+        context.extend(new_tokens)
+        assert target.cache_len == len(context) - 1, "target cache out of step with the context"
+        if drafter is not None:
+            drafter.feedback(verdict)
+
+        # 5. re-budget from this round's outcome
+        if policy is not None:
+            policy.observe(tree.n_draft, verdict.n_accepted)
+            stats.alpha_estimate = policy.alpha
+        if drafter is not None:
+            stats.gammas.append(gamma)
+        stats.drafted_tokens += tree.n_draft
+        stats.accepted_tokens += verdict.n_accepted
+
+        kept, reason = _truncate(new_tokens, request.max_new_tokens - emitted, eos_ids)
+        emitted += len(kept)
+        stats.new_tokens = emitted
+        stats.tokens_per_pass.append(len(kept))
+        yield kept
+        if reason:
+            stats.finish(reason)
+            return
+
+
+def _truncate(tokens: list[int], remaining: int, eos_ids: frozenset[int]) -> tuple[list[int], str]:
+    """Cut a round's tokens at the first EOS (kept) or at the remaining budget; say why it ended."""
+    for index, token in enumerate(tokens[:remaining]):
+        if token in eos_ids:
+            return tokens[: index + 1], "eos"
+    if len(tokens) >= remaining:
+        return tokens[:remaining], "length"
+    return tokens, ""

@@ -1,0 +1,159 @@
+"""transformers backend: any causal LM the transformers library loads, driven through the Model protocol.
+
+Tree verification needs no custom kernel: a 4-D additive float mask (1, 1, n_new, n_past + n_new) with
+explicit position ids works with `DynamicCache` under both `sdpa` and `eager` attention, and a tree pass
+gives the same logits as running each root-to-leaf path on its own. Keeping an accepted tree path is an
+index-select of each cache layer's keys and values along the sequence dimension.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from duospec.config import DuospecError
+from duospec.models.hf_cache import new_cache
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class HFModel:
+    """A transformers causal LM plus its KV cache. Satisfies `duospec.models.base.Model`."""
+
+    def __init__(self, model: torch.nn.Module, name: str = "model") -> None:
+        self.model = model.eval()
+        self.name = name
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.max_context = getattr(model.config, "max_position_embeddings", None)
+        self._mask_min = torch.finfo(self.dtype).min
+        self.cache = new_cache(model.config)
+        self._cache_len = 0
+        self._last_start = 0  # cache length before the last forward: the base `keep` indexes from
+
+    @property
+    def cache_len(self) -> int:
+        return self._cache_len
+
+    def reset(self) -> None:
+        self.cache = new_cache(self.model.config)
+        self._cache_len = 0
+        self._last_start = 0
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        tree_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        n_new = tokens.shape[0]
+        start = self._cache_len
+        if positions is None:
+            positions = torch.arange(start, start + n_new, device=self.device)
+        attention_mask = None
+        if tree_mask is not None:
+            # Every new token sees the whole cached prefix and, among the new tokens, its ancestors.
+            attention_mask = torch.zeros(1, 1, n_new, start + n_new, dtype=self.dtype, device=self.device)
+            attention_mask[0, 0, :, start:].masked_fill_(~tree_mask.to(self.device), self._mask_min)
+        out = self.model(
+            input_ids=tokens.to(self.device)[None],
+            position_ids=positions.to(self.device)[None],
+            attention_mask=attention_mask,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1 if last_only else 0,
+        )
+        self._last_start = start
+        self._cache_len = start + n_new
+        return out.logits[0].float()
+
+    @torch.inference_mode()  # the cache tensors are inference tensors: in-place writes must happen in this mode
+    def keep(self, nodes: list[int]) -> None:
+        start = self._last_start
+        if nodes == list(range(len(nodes))):
+            self.crop(start + len(nodes))  # a chain prefix: cropping is enough
+            return
+        index = torch.tensor(nodes, device=self.device) + start
+        for layer in self._plain_layers():
+            # The right-hand side is gathered into a new tensor first, so the overlapping write is safe.
+            layer.keys[:, :, start : start + len(nodes)] = layer.keys.index_select(2, index)
+            layer.values[:, :, start : start + len(nodes)] = layer.values.index_select(2, index)
+        self.crop(start + len(nodes))
+
+    def crop(self, length: int) -> None:
+        if not (0 <= length <= self._cache_len):
+            raise ValueError(f"cannot crop a cache of {self._cache_len} tokens to {length}")
+        if length < self._cache_len:
+            self.cache.crop(length - self._cache_len)  # transformers 5 takes minus the tokens to remove
+        self._cache_len = length
+
+    def _plain_layers(self) -> list:
+        layers = self.cache.layers
+        if any(getattr(layer, "is_sliding", False) for layer in layers):
+            raise DuospecError(
+                f"{self.name}: tree verification needs full attention in every layer; this model uses "
+                "sliding-window layers. Use a chain method (sd, pld) with it."
+            )
+        return layers
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise DuospecError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Default to CUDA when present, else CPU; refuse a CUDA device that is not there."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise DuospecError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DuospecError(f"device {device} was asked for but this machine has no CUDA GPU; use --device cpu")
+    return device
+
+
+def load_hf(
+    path_or_id: str | os.PathLike,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    attn_implementation: str = "sdpa",
+    name: str | None = None,
+):
+    """Load a transformers checkpoint (local directory or hub id) and its tokenizer.
+
+    Returns (HFModel, tokenizer). Raises DuospecError when nothing loadable is found.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = str(path_or_id)
+    if Path(source).expanduser().exists():
+        source = str(Path(source).expanduser())
+        if not (Path(source) / "config.json").exists():
+            raise DuospecError(f"{source} is a path but holds no config.json; point at a transformers checkpoint directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
+    except OSError as error:
+        raise DuospecError(
+            f"could not load model {source!r}: it is neither a local transformers checkpoint nor a hub id "
+            f"that can be downloaded here (this machine may be offline). Details: {error}"
+        ) from error
+    except Exception as error:  # safetensors, JSON and config errors all mean the files are unusable
+        raise DuospecError(
+            f"could not load model {source!r}: its files look corrupt or incomplete ({type(error).__name__}: {error}). "
+            "Re-download or re-convert it (for the embedded models, delete its folder under the duospec cache)."
+        ) from error
+    model.to(device)
+    return HFModel(model, name=name or source), tokenizer

@@ -1,0 +1,93 @@
+"""Per-request statistics: what a user needs to judge a method (speed, acceptance, where time went)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GenerationStats:
+    """Counters filled in by an engine while it generates one answer.
+
+    A *target pass* is one forward of the target model; the prompt's prefill counts as one (it yields
+    the first token), so plain autoregressive decoding has exactly one token per pass.
+    """
+
+    method: str
+    prompt_tokens: int
+    new_tokens: int = 0
+    target_passes: int = 0
+    drafted_tokens: int = 0  # draft tokens sent to verification
+    accepted_tokens: int = 0  # draft tokens the verifier kept
+    tokens_per_pass: list[int] = field(default_factory=list)  # emitted tokens of each target pass
+    gammas: list[int] = field(default_factory=list)  # draft budget asked for in each round
+    seconds: float = 0.0
+    ttft_seconds: float | None = None
+    prefill_seconds: float = 0.0  # the target's prompt pass (the draft's prompt pass is draft time)
+    draft_seconds: float = 0.0
+    target_seconds: float = 0.0  # verification passes, prefill excluded
+    verify_seconds: float = 0.0
+    finish_reason: str = ""  # "eos", "length", "context" or "interrupted"
+    gamma_auto: bool = True
+    alpha_estimate: float | None = None
+    _start: float = field(default_factory=time.perf_counter, repr=False)
+
+    def mark_first_token(self) -> None:
+        self.ttft_seconds = time.perf_counter() - self._start
+
+    def finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        self.seconds = time.perf_counter() - self._start
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """New tokens per target pass (1.0 for autoregressive decoding)."""
+        return self.new_tokens / self.target_passes if self.target_passes else 0.0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Share of draft tokens accepted; None when nothing was drafted."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
+
+    @property
+    def gamma(self) -> int | None:
+        """The draft budget used most often (what the CLI reports as "the" gamma)."""
+        return Counter(self.gammas).most_common(1)[0][0] if self.gammas else None
+
+    @property
+    def other_seconds(self) -> float:
+        spent = self.prefill_seconds + self.draft_seconds + self.target_seconds + self.verify_seconds
+        return max(0.0, self.seconds - spent)
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "gamma": self.gamma,
+            "gamma_auto": self.gamma_auto,
+            "seconds": round(self.seconds, 4),
+            "tokens_per_second": round(self.tokens_per_second, 3),
+            "ttft_seconds": None if self.ttft_seconds is None else round(self.ttft_seconds, 4),
+            "target_passes": self.target_passes,
+            "mean_accepted": round(self.mean_accepted, 3),
+            "acceptance_rate": None if self.acceptance_rate is None else round(self.acceptance_rate, 4),
+            "drafted_tokens": self.drafted_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "alpha_estimate": None if self.alpha_estimate is None else round(self.alpha_estimate, 4),
+            "finish_reason": self.finish_reason,
+            "time_breakdown": {
+                "prefill": round(self.prefill_seconds, 4),
+                "draft": round(self.draft_seconds, 4),
+                "target": round(self.target_seconds, 4),
+                "verify": round(self.verify_seconds, 4),
+                "other": round(self.other_seconds, 4),
+            },
+            "tokens_per_pass": self.tokens_per_pass,
+        }

@@ -1,0 +1,142 @@
+"""`duospec generate` end to end on tiny checkpoints saved to disk (the path a user's model takes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from duospec.cli import main
+from tiny_models import perturbed, tiny_model, tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A target and a partly-right draft, saved as transformers checkpoints."""
+    root = tmp_path_factory.mktemp("models")
+    target = tiny_model(seed=0)
+    for name, model in (("target", target), ("draft", perturbed(target, noise=0.2, seed=7))):
+        model.save_pretrained(root / name)
+        tiny_tokenizer().save_pretrained(root / name)
+    return root / "target", root / "draft"
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def model_flags(checkpoints) -> list[str]:
+    target, draft = checkpoints
+    return ["--target", str(target), "--draft", str(draft), "--dtype", "float32"]
+
+
+def test_json_output_has_every_field_and_methods_agree(checkpoints, capsys):
+    records = {}
+    for method in ("ar", "sd", "pld"):
+        code, out, _ = run_cli(["generate", "w1 w2 w3", "--method", method, "--max-new-tokens", "12", "--json", *model_flags(checkpoints)], capsys)
+        assert code == 0
+        (line,) = out.strip().splitlines()
+        records[method] = json.loads(line)
+    for key in ("text", "token_ids", "prompt_tokens", "new_tokens", "method", "gamma", "seconds", "tokens_per_second",
+                "ttft_seconds", "target_passes", "mean_accepted", "acceptance_rate"):
+        assert key in records["sd"], key
+    assert records["sd"]["token_ids"] == records["ar"]["token_ids"] == records["pld"]["token_ids"]
+    assert records["ar"]["new_tokens"] == 12 and records["ar"]["mean_accepted"] == 1.0
+    assert records["sd"]["gamma"] >= 1 and records["sd"]["gamma_auto"] is True
+
+
+def test_streamed_text_equals_json_text(checkpoints, capsys):
+    args = ["generate", "w5 w6", "--method", "sd", "--gamma", "3", "--max-new-tokens", "10", *model_flags(checkpoints)]
+    code, streamed, err = run_cli(args, capsys)
+    assert code == 0
+    assert "[sd] 10 tokens" in err and "gamma 3 (fixed)" in err
+    _, out, _ = run_cli([*args, "--json"], capsys)
+    assert streamed == json.loads(out)["text"]
+
+
+def test_prompts_file_plain_and_jsonl(checkpoints, capsys, tmp_path):
+    plain = tmp_path / "prompts.txt"
+    plain.write_text("w1 w2\n\nw3 w4\n")
+    code, out, _ = run_cli(["generate", "--prompts-file", str(plain), "--method", "pld", "--max-new-tokens", "4", "--json", *model_flags(checkpoints)], capsys)
+    assert code == 0 and len(out.strip().splitlines()) == 2
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text(json.dumps({"prompt": "w1 w2"}) + "\n" + json.dumps({"prompt": "w9"}) + "\n")
+    code, out, _ = run_cli(["generate", "--prompts-file", str(jsonl), "--method", "ar", "--max-new-tokens", "4", "--json", *model_flags(checkpoints)], capsys)
+    first, second = (json.loads(line) for line in out.strip().splitlines())
+    assert first["prompt_tokens"] != second["prompt_tokens"]
+
+
+def test_prompts_file_errors_name_the_line(checkpoints, capsys, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "w1"}) + "\n" + json.dumps({"text": "w2"}) + "\n")
+    code, _, err = run_cli(["generate", "--prompts-file", str(bad), *model_flags(checkpoints)], capsys)
+    assert code == 2 and f"{bad}:2: a JSONL line needs a non-empty string field 'prompt'" in err
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "w1"\n')
+    code, _, err = run_cli(["generate", "--prompts-file", str(broken), *model_flags(checkpoints)], capsys)
+    assert code == 2 and f"{broken}:1: not valid JSON" in err
+    code, _, err = run_cli(["generate", "--prompts-file", str(tmp_path / "missing.txt"), *model_flags(checkpoints)], capsys)
+    assert code == 2 and "cannot read prompts file" in err
+
+
+def test_prompt_from_stdin(checkpoints, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("w1 w2 w3"))
+    code, out, _ = run_cli(["generate", "-", "--method", "ar", "--max-new-tokens", "3", "--json", *model_flags(checkpoints)], capsys)
+    assert code == 0 and json.loads(out)["new_tokens"] == 3
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["generate", "w1", "--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
+        (["generate", "w1", "--temperature", "-1"], "temperature must be >= 0"),
+        (["generate", "w1", "--top-p", "2"], "top_p must be in (0, 1]"),
+        (["generate", "w1", "--lenience", "0"], "lenience must be in (0, 1]"),
+        (["generate", "w1", "--method", "nope"], "unknown method 'nope'"),
+        (["generate", ""], "the prompt is empty"),
+        (["generate"], "no prompt given"),
+    ],
+)
+def test_bad_flags_fail_before_loading_models(args, message, capsys):
+    # --target points nowhere: these errors must come before any model is loaded.
+    code, _, err = run_cli([*args, "--target", "/nonexistent/model"], capsys)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_missing_target_is_a_clear_error(capsys, tmp_path):
+    code, _, err = run_cli(["generate", "w1", "--target", str(tmp_path)], capsys)
+    assert code == 2 and "holds no config.json" in err
+
+
+def test_ctrl_c_prints_what_was_generated(tmp_path):
+    """A real SIGINT to a real process: the text streamed so far stays, the exit code is 130."""
+    long_context = tiny_model(seed=0, max_positions=1_000_000)  # so generation is still running at the signal
+    long_context.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "duospec", "generate", "w1 w2 w3", "--method", "ar", "--max-new-tokens", "100000",
+         "--no-chat", "--target", str(tmp_path), "--dtype", "float32"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    first_output = process.stdout.read(8)  # wait until generation has streamed something
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    rest, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert len(first_output + rest) >= 8
+    assert "interrupted; kept the" in err and "Traceback" not in err
