@@ -1,0 +1,203 @@
+"""Subcommands `duospec bench` (Spec-Bench harness with baselines) and `duospec profile` (cost curve)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import sys
+from pathlib import Path
+
+# A plain `duospec bench` answers 1 question per task: 6 questions, 7 answers (the multi-turn one has
+# two turns) for each of the 5 default methods. At about 4 tokens/s for ar with the default pair on a
+# 2-core CPU, an answer of up to 128 tokens takes ~25 s per method on average (many answers stop
+# earlier at EOS; the long RAG and summarisation prompts add prefill time): 35 answers x 25 s,
+# plus loading and warm-up, is about 15 minutes.
+DEFAULT_LIMIT = 1
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+def add_bench_commands(commands: argparse._SubParsersAction) -> None:
+    """Register the benchmark subcommands on the main parser."""
+    from duospec.bench.data import TASKS
+    from duospec.bench.methods import bench_methods
+    from duospec.bench.profile import DEFAULT_SIZES
+    from duospec.cli import add_model_arguments
+
+    bench = commands.add_parser(
+        "bench",
+        help="Spec-Bench: every method against ar and the transformers baselines, with a report and plots",
+        description="Run Spec-Bench questions through each method and the transformers baselines in one process, "
+        "interleaved per question; write results.jsonl (resumable), summary.json, report.md and PNG plots.",
+    )
+    methods = ", ".join(f"{name} ({method.summary})" for name, method in bench_methods().items())
+    bench.add_argument("--methods", type=_names, default=None, help=f"comma-separated; ar is always included (default: all): {methods}")
+    bench.add_argument("--tasks", type=_names, default=None, help=f"comma-separated Spec-Bench tasks (default: all in the questions file): {', '.join(TASKS)}")
+    bench.add_argument(
+        "--limit",
+        type=int,
+        default=DEFAULT_LIMIT,
+        help=f"questions per task (default {DEFAULT_LIMIT}: 7 answers per method, about 15 minutes for the 5 default methods "
+        "on a 2-core CPU with the default pair; the full Spec-Bench run is --limit 80, printed at the end with its estimated time)",
+    )
+    bench.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help=f"per answer (default {DEFAULT_MAX_NEW_TOKENS})")
+    bench.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); greedy match against ar is checked only then")
+    bench.add_argument("--top-p", type=float, default=1.0)
+    bench.add_argument("--top-k", type=int, default=0)
+    bench.add_argument("--seed", type=int, default=0, help="seed of every answer's sampling (default 0)")
+    bench.add_argument("--questions", type=Path, default=None, help="a JSONL file in Spec-Bench's format (question_id, category, turns); default: the packaged Spec-Bench questions")
+    bench.add_argument("--out", type=Path, default=None, help="output directory (default: bench-results/<timestamp>); rerun with the same --out to resume")
+    add_model_arguments(bench)
+    bench.set_defaults(handler=run_bench_command)
+
+    profile = commands.add_parser(
+        "profile",
+        help="measure one target pass over n = 1 .. 256 tokens and one draft step on this machine",
+        description="Measure what the draft budget depends on: the target's cost of one pass over n new tokens and "
+        "the draft's cost per token. Prints the table and writes profile.json and profile.png.",
+    )
+    profile.add_argument("--sizes", type=_sizes, default=DEFAULT_SIZES, help=f"comma-separated n (default: {','.join(map(str, DEFAULT_SIZES))})")
+    profile.add_argument("--context", type=int, default=256, help="cached tokens before each measured pass (default 256)")
+    profile.add_argument("--repeats", type=int, default=3, help="passes per size; the median counts (default 3)")
+    profile.add_argument("--no-draft", action="store_true", help="measure the target only")
+    profile.add_argument("--out", type=Path, default=None, help="output directory (default: bench-results/profile-<timestamp>)")
+    add_model_arguments(profile)
+    profile.set_defaults(handler=run_profile_command)
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    import torch
+
+    import duospec
+    from duospec.bench.data import available_tasks, load_questions, select_questions
+    from duospec.bench.methods import resolve_methods
+    from duospec.bench.report import collect_meta, speedup_table, write_report
+    from duospec.bench.runner import BenchSettings, check_out_dir, pipeline_flags, result_flags, run_bench
+    from duospec.cli import EXIT_INTERRUPTED
+    from duospec.models.hf import resolve_device, resolve_dtype
+    from duospec.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
+
+    settings = BenchSettings(
+        methods=args.methods,
+        tasks=args.tasks,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        questions=args.questions,
+    )
+    # Check everything that can be checked before spending time on loading models.
+    settings.validate()
+    questions = load_questions(settings.questions_path)
+    tasks = list(settings.tasks) if settings.tasks else available_tasks(questions)
+    select_questions(questions, tasks, settings.limit)
+    target = args.target or DEFAULT_TARGET
+    draft = args.draft if args.draft is not None else (DEFAULT_DRAFT if target == DEFAULT_TARGET else None)
+    methods = resolve_methods(list(settings.methods) if settings.methods else None, draft is not None)
+    out = args.out or Path("bench-results") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    threads = args.threads or torch.get_num_threads()
+    check_out_dir(out, result_flags(target, draft, str(resolve_dtype(args.dtype)), str(resolve_device(args.device)), threads, settings))
+
+    _quiet_transformers()
+    command = bench_command(args, methods, tasks, settings.limit, out)
+    try:
+        pipe = duospec.load(args.target, args.draft, device=args.device, dtype=args.dtype, threads=args.threads)
+        print(f"duospec: writing to {out}", file=sys.stderr)
+        records = run_bench(pipe, settings, out)
+    except KeyboardInterrupt:
+        print(f"\nduospec: interrupted; every finished answer is saved in {out}/results.jsonl. To resume:\n  {command}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    run = {"methods": methods, "tasks": tasks, "limit": settings.limit, "questions": str(args.questions or "Spec-Bench (packaged)")}
+    summary = write_report(out, records, collect_meta(pipeline_flags(pipe, settings), run, command))
+    print(speedup_table(summary))
+    print(f"\nreport: {out / 'report.md'} (with summary.json, results.jsonl and plots beside it)")
+    full_limit = max(sum(1 for q in questions if q.task == task) for task in tasks)
+    if settings.limit < full_limit:
+        full_out = Path("bench-results") / "full"
+        estimate = _full_run_estimate([r for r in records if r["method"] in methods], questions, tasks)
+        print(f"the full run ({full_limit} questions per task; about {estimate} on this machine):")
+        print(f"  {bench_command(args, methods, tasks, full_limit, full_out)}")
+    return 0
+
+
+def bench_command(args: argparse.Namespace, methods: list[str], tasks: list[str], limit: int, out: Path) -> str:
+    """The `duospec bench` command line that reproduces (or resumes) a run."""
+    words = ["duospec", "bench", "--methods", ",".join(methods), "--tasks", ",".join(tasks), "--limit", str(limit)]
+    words += ["--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature)]
+    if args.temperature > 0:
+        words += ["--top-p", str(args.top_p), "--top-k", str(args.top_k)]
+    words += ["--seed", str(args.seed)]
+    if args.questions is not None:
+        words += ["--questions", str(args.questions)]
+    return shlex.join([*words, *_model_words(args), "--out", str(out)])
+
+
+def _model_words(args: argparse.Namespace) -> list[str]:
+    """The model and hardware flags given (defaults left out)."""
+    words = []
+    for flag in ("target", "draft", "device", "threads"):
+        if getattr(args, flag) is not None:
+            words += [f"--{flag}", str(getattr(args, flag))]
+    if args.dtype != "bfloat16":
+        words += ["--dtype", args.dtype]
+    return words
+
+
+def _full_run_estimate(records: list[dict], questions: list, tasks: list[str]) -> str:
+    """Mean seconds per answer of each method so far, times the answers of the full run."""
+    answers = sum(len(q.turns) for q in questions if q.task in tasks)
+    per_method: dict[str, list[float]] = {}
+    for record in records:
+        per_method.setdefault(record["method"], []).append(record["seconds"])
+    seconds = sum(answers * sum(times) / len(times) for times in per_method.values())
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min"
+
+
+def run_profile_command(args: argparse.Namespace) -> int:
+    import duospec
+    from duospec.bench.profile import format_table, run_profile, write_profile
+    from duospec.bench.report import collect_meta
+    from duospec.bench.runner import draft_name
+    from duospec.config import DuospecError
+
+    if args.context < 1 or args.repeats < 1:
+        raise DuospecError("--context and --repeats must be at least 1")
+    out = args.out or Path("bench-results") / datetime.datetime.now().strftime("profile-%Y%m%d-%H%M%S")
+    pipe = duospec.load(args.target, args.draft, device=args.device, dtype=args.dtype, threads=args.threads)
+    with_draft = not args.no_draft and draft_name(pipe) is not None
+    profile = run_profile(pipe, args.sizes, context_tokens=args.context, repeats=args.repeats, with_draft=with_draft)
+    print(format_table(profile))
+    flags = {"target": pipe.target.name, "draft": profile["draft"], "dtype": str(pipe.dtype), "device": str(pipe.device), "threads": pipe.threads}
+    words = ["duospec", "profile", "--sizes", ",".join(map(str, args.sizes)), "--context", str(args.context), "--repeats", str(args.repeats)]
+    command = shlex.join([*words, *(["--no-draft"] if args.no_draft else []), *_model_words(args), "--out", str(out)])
+    paths = write_profile(out, profile, collect_meta(flags, {"sizes": list(args.sizes)}, command))
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one name (comma-separated)")
+    return names
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"sizes must be comma-separated integers, got {text!r}") from error
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError("sizes must be positive integers, e.g. 1,2,4,8")
+    return sizes
+
+
+def _quiet_transformers() -> None:
+    """transformers warns about its own internal calls during assisted generation; in the middle of a
+    progress bar that is noise, so the bench keeps only its errors."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()

@@ -1,0 +1,86 @@
+"""What the benchmark can run: every method of `duospec.drafting.METHODS` plus the library baselines.
+
+Our methods are read from the method registry each time, so a method added there (duo, specexec,
+auto) is benchmarked without touching the harness. Every entry answers a prompt given as token ids
+with the same `GenerationResult` shape, so the runner and the report treat them all alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Callable
+
+from duospec.config import DuospecError
+
+if TYPE_CHECKING:
+    from duospec.api import GenerationResult, Pipeline
+
+BASELINE_METHOD = "ar"  # every speedup is measured against this method, in the same run
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """The decoding flags every method gets for one answer (temperature 0 = greedy)."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class BenchMethod:
+    name: str
+    summary: str
+    needs_draft_model: bool
+    # generate(pipe, prompt_ids, settings) -> GenerationResult
+    generate: Callable[["Pipeline", list[int], DecodeSettings], "GenerationResult"]
+
+
+def bench_methods() -> dict[str, BenchMethod]:
+    """Our registered methods, then the transformers baselines (names are unique across both)."""
+    from duospec.bench.baselines import BASELINES  # baselines build on the types above
+    from duospec.drafting import METHODS
+
+    ours = {
+        name: BenchMethod(name, spec.summary, spec.needs_draft_model, partial(_generate_ours, name))
+        for name, spec in METHODS.items()
+    }
+    return {**ours, **BASELINES}
+
+
+def resolve_methods(names: list[str] | None, has_draft: bool) -> list[str]:
+    """The methods to run, `ar` first (the speedup baseline is always measured).
+
+    names=None means all of them, leaving out those that need a draft model when none is given.
+    """
+    available = bench_methods()
+    if names is None:
+        chosen = [name for name, method in available.items() if has_draft or not method.needs_draft_model]
+    else:
+        unknown = [name for name in names if name not in available]
+        if unknown:
+            raise DuospecError(
+                f"unknown method {', '.join(map(repr, unknown))}; choose from: {', '.join(available)}"
+            )
+        chosen = list(dict.fromkeys(names))
+        needing = [name for name in chosen if available[name].needs_draft_model]
+        if needing and not has_draft:
+            raise DuospecError(
+                f"method {', '.join(needing)} needs a draft model; pass --draft, or leave it out of --methods"
+            )
+    return [BASELINE_METHOD, *(name for name in chosen if name != BASELINE_METHOD)]
+
+
+def _generate_ours(method: str, pipe: "Pipeline", prompt_ids: list[int], settings: DecodeSettings) -> "GenerationResult":
+    return pipe.generate(
+        prompt_ids,
+        method=method,
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+        seed=settings.seed,
+    )
