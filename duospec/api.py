@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import platform
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -168,13 +169,20 @@ class Pipeline:
         return [model.name, str(self.dtype), str(self.device), str(self.threads), torch.__version__, platform.processor() or platform.machine()]
 
     def target_profile(self, remeasure: bool = False) -> CostProfile:
+        """Seconds per target pass over n tokens, measured once per machine and cached on disk."""
         if self._target_costs is None or remeasure:
             self._target_costs = target_costs_for(self.target, self.cost_key(self.target), remeasure)
+            if self.progress:
+                costs = ", ".join(f"{n}: {s:.3f}" for n, s in sorted(self._target_costs.items()))
+                print(f"duospec: target pass seconds by tokens per pass: {costs}", file=sys.stderr)
         return CostProfile(self._target_costs)
 
     def draft_step_seconds(self, remeasure: bool = False) -> float:
+        """Seconds per draft step, measured once per machine and cached on disk."""
         if self._draft_step is None or remeasure:
             self._draft_step = draft_step_for(self.draft, self.cost_key(self.draft), remeasure)
+            if self.progress:
+                print(f"duospec: draft step {self._draft_step:.3f} s", file=sys.stderr)
         return self._draft_step
 
     # -- prompts --------------------------------------------------------------------------------

@@ -118,10 +118,10 @@ def generate_tokens(
             stats.alpha_estimate = policy.alpha
         if drafter is not None:
             stats.gammas.append(gamma)
-        stats.drafted_tokens += tree.n_draft
-        stats.accepted_tokens += verdict.n_accepted
 
         kept, reason = _truncate(new_tokens, request.max_new_tokens - emitted, eos_ids)
+        stats.drafted_tokens += tree.n_draft
+        stats.accepted_tokens += min(verdict.n_accepted, len(kept))  # draft tokens cut at EOS/length do not count
         emitted += len(kept)
         stats.new_tokens = emitted
         stats.tokens_per_pass.append(len(kept))
