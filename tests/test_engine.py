@@ -48,11 +48,11 @@ class AlwaysWrongDrafter:
     def reset(self) -> None:
         pass
 
-    def propose(self, context, max_tokens, sampling, generator) -> TokenTree:
+    def propose(self, context, budget, sampling, generator) -> TokenTree:
         with torch.no_grad():
             logits = self.model(torch.tensor([context])).logits[0, -1]
         wrong = (int(logits.argmax()) + 1) % logits.shape[-1]
-        return TokenTree.chain(torch.tensor([context[-1], wrong] + [wrong] * (max_tokens - 1)))
+        return TokenTree.chain(torch.tensor([context[-1], wrong] + [wrong] * (budget.max_tokens - 1)))
 
     def feedback(self, verdict) -> None:
         pass
@@ -171,8 +171,8 @@ def test_auto_gamma_is_reported_and_bounded(target):
     pipe = tiny_pipeline(target, perturbed(target, noise=0.2, seed=7))
     result = pipe.generate(PROMPTS[0], method="sd", max_new_tokens=30)
     assert result.stats.gamma_auto and result.stats.gamma is not None
-    # Every round drafts 1..15 tokens, except a last round with one token left to emit (gamma 0).
-    assert all(1 <= g <= 15 for g in result.stats.gammas[:-1]) and 0 <= result.stats.gammas[-1] <= 15
+    # Every round drafts 1..12 tokens, except a last round with one token left to emit (none drafted).
+    assert all(1 <= g <= 12 for g in result.stats.gammas[:-1]) and 0 <= result.stats.gammas[-1] <= 12
     assert result.stats.alpha_estimate is not None
     record = result.to_dict()
     for key in ("text", "token_ids", "prompt_tokens", "new_tokens", "method", "gamma", "seconds", "tokens_per_second",

@@ -12,6 +12,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from duospec.budget import DraftBudget
 from duospec.config import SamplingConfig
 from duospec.tree import TokenTree
 from duospec.verify import Verdict
@@ -27,11 +28,11 @@ class Drafter(Protocol):
     def propose(
         self,
         context: list[int],
-        max_tokens: int,
+        budget: DraftBudget,
         sampling: SamplingConfig,
         generator: torch.Generator | None,
     ) -> TokenTree:
-        """A tree of at most `max_tokens` draft tokens rooted at context[-1] (it may hold fewer, or none)."""
+        """A tree of at most `budget.max_tokens` draft tokens rooted at context[-1] (fewer, or none, is fine)."""
         ...
 
     def feedback(self, verdict: Verdict) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from duospec.budget import DraftBudget
 from duospec.config import SamplingConfig
 from duospec.models.base import Model
 from duospec.sampling import sample, warp_probs
@@ -33,26 +34,30 @@ class ChainDrafter:
     def propose(
         self,
         context: list[int],
-        max_tokens: int,
+        budget: DraftBudget,
         sampling: SamplingConfig,
         generator: torch.Generator | None,
     ) -> TokenTree:
-        device = self.model.device
         logits = self._catch_up(context)  # [1, V]: the draft's law after the root
-        tokens: list[torch.Tensor] = [torch.tensor([context[-1]], device=device)]
+        tokens: list[torch.Tensor] = [torch.tensor([context[-1]], device=self.model.device)]
         draft_rows: list[torch.Tensor] = []
-        for step in range(max_tokens):
+        confidence = 1.0  # the draft's own estimate that every token drafted so far is accepted
+        while budget.allows(len(tokens) - 1, confidence):
+            if len(tokens) > 1:  # feed the previous draft token only now that another one is wanted
+                logits = self.model.forward(tokens[-1], last_only=True)
             logits = self._fit_vocab(logits)
             if sampling.is_greedy:
                 token = logits.argmax(-1)  # [1]
+                chosen = torch.softmax(logits, -1).amax() if budget.confidence_floors else None
             else:
                 probs = warp_probs(logits, sampling)  # [1, V]
                 token = sample(probs, generator)
                 draft_rows.append(probs)
+                chosen = probs[0, token[0]] if budget.confidence_floors else None
             tokens.append(token)
-            if step + 1 < max_tokens:  # the last draft token is fed next round, if it is accepted
-                logits = self.model.forward(token, last_only=True)
-        fed = tokens[1:max_tokens]
+            if chosen is not None:
+                confidence *= float(chosen)  # a host sync, but the loop must decide whether to go on
+        fed = tokens[1:-1]  # the last draft token is fed next round, if it is accepted
         self._unconfirmed = torch.cat(fed) if fed else None
         draft_probs = torch.cat(draft_rows) if draft_rows else None
         return TokenTree.chain(torch.cat(tokens), draft_probs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from duospec.budget import DraftBudget
 from duospec.config import SamplingConfig
 from duospec.tree import TokenTree
 from duospec.verify import Verdict
@@ -28,11 +29,11 @@ class LookupDrafter:
     def propose(
         self,
         context: list[int],
-        max_tokens: int,
+        budget: DraftBudget,
         sampling: SamplingConfig,
         generator: torch.Generator | None,
     ) -> TokenTree:
-        draft = find_continuation(context, max_tokens, self.max_ngram, self.min_ngram)
+        draft = find_continuation(context, budget.max_tokens, self.max_ngram, self.min_ngram)
         return TokenTree.chain(torch.tensor([context[-1], *draft], dtype=torch.long))
 
     def feedback(self, verdict: Verdict) -> None:

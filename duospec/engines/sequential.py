@@ -79,13 +79,13 @@ def generate_tokens(
         if room <= 0:
             stats.finish("context")
             return
-        # A round emits at most gamma + 1 tokens, so never draft past the request or the context.
-        gamma = min(policy.next_gamma(), remaining - 1, room - 1) if (drafter and policy) else 0
+        # A round emits at most (draft tokens + 1), so never draft past the request or the context.
+        budget = policy.next_budget().capped(min(remaining - 1, room - 1)) if (drafter and policy) else None
 
         # 1. draft
         start = time.perf_counter()
-        if drafter is not None and gamma > 0:
-            tree = drafter.propose(context, gamma, sampling, generator)
+        if drafter is not None and budget is not None and budget.max_tokens > 0:
+            tree = drafter.propose(context, budget, sampling, generator)
         else:
             tree = TokenTree.chain(torch.tensor([context[-1]], device=target.device))
         stats.draft_seconds += time.perf_counter() - start
@@ -117,7 +117,7 @@ def generate_tokens(
             policy.observe(tree.n_draft, verdict.n_accepted)
             stats.alpha_estimate = policy.alpha
         if drafter is not None:
-            stats.gammas.append(gamma)
+            stats.gammas.append(tree.n_draft)
 
         kept, reason = _truncate(new_tokens, request.max_new_tokens - emitted, eos_ids)
         stats.drafted_tokens += tree.n_draft

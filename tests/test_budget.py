@@ -1,0 +1,100 @@
+"""Draft budgets from measured costs: the formula, the choice of gamma, online alpha, confidence floors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from duospec.budget import CostProfile, DraftBudget, GammaPolicy, best_gamma, expected_tokens
+from duospec.config import SamplingConfig
+from duospec.drafting.chain import ChainDrafter
+from duospec.models.hf import HFModel
+from tiny_models import tiny_model
+
+# The shape measured on the 2-core CPU (DESIGN.md section 3): flat to 4 tokens, then growing.
+CPU_PROFILE = CostProfile({1: 0.26, 2: 0.26, 4: 0.273, 6: 0.32, 8: 0.351, 12: 0.43, 16: 0.54})
+
+
+def test_expected_tokens_formula():
+    assert expected_tokens(0.5, 0) == 1.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)  # not 2.5: later tokens need earlier ones
+    assert expected_tokens(1.0, 4) == 5.0
+
+
+def test_profile_interpolates_and_extrapolates():
+    profile = CostProfile({1: 1.0, 3: 2.0, 5: 4.0})
+    assert profile.target_pass(2) == pytest.approx(1.5)
+    assert profile.target_pass(4) == pytest.approx(3.0)
+    assert profile.target_pass(7) == pytest.approx(6.0)  # slope of the last segment, 1 s per token
+    assert profile.target_pass(1) == 1.0
+
+
+def test_best_gamma_grows_with_alpha_and_with_cheaper_drafts():
+    gammas_by_alpha = [best_gamma(alpha, CPU_PROFILE, 0.094, 15) for alpha in (0.5, 0.7, 0.85, 0.95)]
+    assert gammas_by_alpha == sorted(gammas_by_alpha) and gammas_by_alpha[0] < gammas_by_alpha[-1]
+    assert best_gamma(0.85, CPU_PROFILE, 0.01, 15) > best_gamma(0.85, CPU_PROFILE, 0.094, 15)
+
+
+def test_best_gamma_maximises_the_expected_rate():
+    def rate(gamma):
+        return expected_tokens(0.8, gamma) / (gamma * 0.05 + CPU_PROFILE.target_pass(gamma + 1))
+
+    chosen = best_gamma(0.8, CPU_PROFILE, 0.05, 15)
+    assert all(rate(chosen) >= rate(gamma) for gamma in range(1, 16))
+
+
+def test_alpha_is_learned_from_outcomes():
+    policy = GammaPolicy(CPU_PROFILE, 0.05, prior_alpha=0.8)
+    start = policy.alpha
+    for _ in range(20):
+        policy.observe(drafted=4, accepted=0)
+    assert policy.alpha < 0.2 < start
+    low_budget = policy.next_budget()
+    policy.reset()
+    for _ in range(20):
+        policy.observe(drafted=4, accepted=4)
+    assert policy.alpha > 0.95
+    high_budget = policy.next_budget()
+    # Higher alpha lowers the confidence the draft needs to keep going.
+    assert high_budget.confidence_floors[3] < low_budget.confidence_floors[3]
+
+
+def test_observe_ignores_rounds_without_drafts():
+    policy = GammaPolicy(CPU_PROFILE, 0.05)
+    before = policy.alpha
+    policy.observe(drafted=0, accepted=0)
+    assert policy.alpha == before
+
+
+def test_budgets_by_kind_of_draft():
+    assert GammaPolicy(None, fixed_gamma=3).next_budget() == DraftBudget(3)  # fixed: exactly 3, no floors
+    free = GammaPolicy(CPU_PROFILE, 0.0).next_budget()
+    assert free.confidence_floors == () and free.max_tokens >= 1  # lookup drafts have no confidence
+    model = GammaPolicy(CPU_PROFILE, 0.094).next_budget()
+    assert model.max_tokens == 12 and model.confidence_floors[0] == 0.0  # always draft at least one
+    # Each later token must clear a real bar (draft + verification cost), below certainty on this profile.
+    assert all(0.3 < floor < 1.0 for floor in model.confidence_floors[1:])
+
+
+def test_draft_budget_allows():
+    budget = DraftBudget(3, (0.0, 0.5, 0.6))
+    assert budget.allows(0, 0.01)
+    assert budget.allows(1, 0.5) and not budget.allows(1, 0.49)
+    assert not budget.allows(3, 1.0)  # max_tokens reached
+    assert DraftBudget(5).allows(4, 0.0) and not DraftBudget(5).allows(5, 1.0)
+    assert budget.capped(1) == DraftBudget(1, (0.0, 0.5, 0.6))
+
+
+def test_chain_drafter_stops_when_its_confidence_drops():
+    """A draft that is unsure stops early; the same draft with no floors drafts the whole budget."""
+    model = tiny_model(seed=0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.05)  # nearly uniform: confidence ~1/64 per token
+    drafter = ChainDrafter(HFModel(model), target_vocab_size=64)
+    context = [3, 4, 5, 6]
+    unsure = drafter.propose(context, DraftBudget(6, (0.0,) + (0.5,) * 5), SamplingConfig(), None)
+    drafter.reset()
+    full = drafter.propose(context, DraftBudget(6), SamplingConfig(), None)
+    assert unsure.n_draft == 1
+    assert full.n_draft == 6
+    assert torch.equal(unsure.tokens, full.tokens[:2])  # the same first draft token either way
