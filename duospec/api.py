@@ -24,6 +24,7 @@ from duospec.config import DuospecError, GenerationRequest, SamplingConfig
 from duospec.drafting import METHODS
 from duospec.engines.sequential import generate_tokens
 from duospec.models.hf import HFModel, load_hf, resolve_device, resolve_dtype
+from duospec.models.int8 import int8_kernel_available, quantize_linear_layers_int8
 from duospec.stats import GenerationStats
 
 
@@ -126,6 +127,7 @@ class Pipeline:
         tokenizer,
         *,
         draft_source: str | None = None,
+        draft_quantization: str = "none",
         device: torch.device,
         dtype: torch.dtype,
         threads: int,
@@ -134,6 +136,7 @@ class Pipeline:
         self.target = target
         self.tokenizer = tokenizer
         self.draft_source = draft_source
+        self.draft_quantization = draft_quantization  # "int8" or "none", already resolved for this device
         self.device = device
         self.dtype = dtype
         self.threads = threads
@@ -152,10 +155,17 @@ class Pipeline:
                 raise DuospecError("this method needs a draft model; pass --draft (or draft=...) with a model that shares the target's tokenizer")
             from duospec.models.registry import resolve_checkpoint
 
-            model, draft_tokenizer = load_hf(resolve_checkpoint(self.draft_source, progress=self.progress), device=self.device, dtype=self.dtype, name=self.draft_source)
+            model, draft_tokenizer = load_hf(resolve_checkpoint(self.draft_source, progress=self.progress), device=self.device, dtype=self.dtype, name=self.draft_label)
             check_same_vocabulary(self.tokenizer, draft_tokenizer, self.target.name, self.draft_source)
+            if self.draft_quantization == "int8":
+                quantize_linear_layers_int8(model.model)
             self._draft = model
         return self._draft
+
+    @property
+    def draft_label(self) -> str | None:
+        """The draft's source plus how its weights are stored (what a measurement of it depends on)."""
+        return draft_label(self.draft_source, self.draft_quantization)
 
     def attach_draft(self, model: HFModel) -> None:
         """Use an already loaded draft model (tests, notebooks). It must share the target's tokenizer."""
@@ -268,6 +278,7 @@ def load(
     device: str | None = None,
     dtype: str = "bfloat16",
     threads: int | None = None,
+    draft_quantization: str = "auto",
     attn_implementation: str = "sdpa",
     progress: bool = True,
 ) -> Pipeline:
@@ -275,12 +286,15 @@ def load(
 
     target/draft: an embedded model name, a local transformers directory or a hub id. The draft
     (default: the embedded Qwen2.5-Coder-0.5B-Instruct when the target is the default) is loaded on
-    first use by a method that needs it.
+    first use by a method that needs it. draft_quantization: "auto" stores the draft's weights as int8
+    on CPUs (a draft step reads half the bytes; exactness is untouched, only acceptance could move),
+    "int8" or "none".
     """
     from duospec.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET, resolve_checkpoint
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
+    quantization = resolve_draft_quantization(draft_quantization, torch_device, torch_dtype)
     if threads is not None:
         if threads < 1:
             raise DuospecError(f"threads must be >= 1, got {threads}")
@@ -295,7 +309,38 @@ def load(
         attn_implementation=attn_implementation,
         name=target_name,
     )
-    return Pipeline(model, tokenizer, draft_source=draft, device=torch_device, dtype=torch_dtype, threads=torch.get_num_threads(), progress=progress)
+    return Pipeline(
+        model,
+        tokenizer,
+        draft_source=draft,
+        draft_quantization=quantization,
+        device=torch_device,
+        dtype=torch_dtype,
+        threads=torch.get_num_threads(),
+        progress=progress,
+    )
+
+
+DRAFT_QUANTIZATIONS = ("auto", "int8", "none")
+
+
+def resolve_draft_quantization(choice: str, device: torch.device, dtype: torch.dtype) -> str:
+    """"auto" becomes "int8" where torch's int8 kernel runs (CPUs), else "none"; "int8" elsewhere is refused."""
+    if choice not in DRAFT_QUANTIZATIONS:
+        raise DuospecError(f"unknown draft quantization {choice!r}; choose one of: {', '.join(DRAFT_QUANTIZATIONS)}")
+    available = int8_kernel_available(device, dtype)
+    if choice == "int8" and not available:
+        raise DuospecError(f"int8 draft weights need torch's CPU int8 kernel, not available for {device} / {dtype}; use --draft-quant none")
+    if choice == "auto":
+        return "int8" if available else "none"
+    return choice
+
+
+def draft_label(source: str | None, quantization: str) -> str | None:
+    """e.g. "qwen2.5-coder-0.5b-instruct+int8"; None without a draft."""
+    if source is None:
+        return None
+    return f"{source}+int8" if quantization == "int8" else source
 
 
 def check_same_vocabulary(target_tokenizer, draft_tokenizer, target_name: str, draft_name: str) -> None:

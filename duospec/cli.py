@@ -23,6 +23,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
     group.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="weights and activations (default: bfloat16, faster than float32 on CPUs with bf16 support)")
     group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, usually the core count)")
+    group.add_argument("--draft-quant", default="auto", choices=["auto", "int8", "none"], help="store the draft's weights as int8 (auto: on CPUs); halves a draft step's memory traffic, exactness unchanged")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,7 +122,7 @@ def run_generate(args: argparse.Namespace) -> int:
         chat=False if args.no_chat else None,
     )
     _validate_early(options)
-    pipe = duospec.load(args.target, args.draft, device=args.device, dtype=args.dtype, threads=args.threads)
+    pipe = duospec.load(args.target, args.draft, device=args.device, dtype=args.dtype, threads=args.threads, draft_quantization=args.draft_quant)
     for prompt in prompts:
         stream = pipe.stream(prompt, **options)
         try:

@@ -77,7 +77,8 @@ def test_missing_draft_for_sd():
     assert pipe.generate("w1", method="pld", max_new_tokens=3).token_ids  # pld needs none
 
 
-def test_missing_model_directory(tmp_path):
+def test_missing_model_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fail at once instead of retrying a network that is not there
     with pytest.raises(DuospecError, match="holds no config.json"):
         load_hf(tmp_path, device=torch.device("cpu"), dtype=torch.float32)
     with pytest.raises(DuospecError, match="neither a local transformers checkpoint nor a hub id"):

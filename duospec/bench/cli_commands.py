@@ -69,6 +69,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     import torch
 
     import duospec
+    from duospec.api import draft_label, resolve_draft_quantization
     from duospec.bench.data import available_tasks, load_questions, select_questions
     from duospec.bench.methods import resolve_methods
     from duospec.bench.report import collect_meta, speedup_table, write_report
@@ -98,12 +99,14 @@ def run_bench_command(args: argparse.Namespace) -> int:
     methods = resolve_methods(list(settings.methods) if settings.methods else None, draft is not None)
     out = args.out or Path("bench-results") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     threads = args.threads or torch.get_num_threads()
-    check_out_dir(out, result_flags(target, draft, str(resolve_dtype(args.dtype)), str(resolve_device(args.device)), threads, settings))
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    labelled_draft = draft_label(draft, resolve_draft_quantization(args.draft_quant, device, dtype))
+    check_out_dir(out, result_flags(target, labelled_draft, str(dtype), str(device), threads, settings))
 
     _quiet_transformers()
     command = bench_command(args, methods, tasks, settings.limit, out)
     try:
-        pipe = duospec.load(args.target, args.draft, device=args.device, dtype=args.dtype, threads=args.threads)
+        pipe = duospec.load(args.target, args.draft, device=args.device, dtype=args.dtype, threads=args.threads, draft_quantization=args.draft_quant)
         print(f"duospec: writing to {out}", file=sys.stderr)
         records = run_bench(pipe, settings, out)
     except KeyboardInterrupt:
@@ -166,7 +169,7 @@ def run_profile_command(args: argparse.Namespace) -> int:
     if args.context < 1 or args.repeats < 1:
         raise DuospecError("--context and --repeats must be at least 1")
     out = args.out or Path("bench-results") / datetime.datetime.now().strftime("profile-%Y%m%d-%H%M%S")
-    pipe = duospec.load(args.target, args.draft, device=args.device, dtype=args.dtype, threads=args.threads)
+    pipe = duospec.load(args.target, args.draft, device=args.device, dtype=args.dtype, threads=args.threads, draft_quantization=args.draft_quant)
     with_draft = not args.no_draft and draft_name(pipe) is not None
     profile = run_profile(pipe, args.sizes, context_tokens=args.context, repeats=args.repeats, with_draft=with_draft)
     print(format_table(profile))

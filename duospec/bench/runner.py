@@ -93,7 +93,7 @@ def pipeline_flags(pipe: "Pipeline", settings: BenchSettings) -> dict:
 def draft_name(pipe: "Pipeline") -> str | None:
     """The draft's name without loading it; None when the pipeline has no draft."""
     if pipe.draft_source is not None:
-        return pipe.draft_source
+        return pipe.draft_label
     try:
         return pipe.draft.name  # an attached draft; raises when there is none
     except DuospecError:

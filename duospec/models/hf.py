@@ -25,9 +25,10 @@ class HFModel:
     def __init__(self, model: torch.nn.Module, name: str = "model") -> None:
         self.model = model.eval()
         self.name = name
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
-        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.device = model.device
+        self.dtype = model.dtype
+        head = model.get_output_embeddings()
+        self.vocab_size = int(getattr(head, "out_features", None) or head.weight.shape[0])
         self.max_context = getattr(model.config, "max_position_embeddings", None)
         self._mask_min = torch.finfo(self.dtype).min
         self.cache = new_cache(model.config)
