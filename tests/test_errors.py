@@ -78,7 +78,10 @@ def test_missing_draft_for_sd():
 
 
 def test_missing_model_directory(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fail at once instead of retrying a network that is not there
+    import huggingface_hub.constants
+
+    # Fail at once instead of retrying a network that is not there (the flag is read at import time).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DuospecError, match="holds no config.json"):
         load_hf(tmp_path, device=torch.device("cpu"), dtype=torch.float32)
     with pytest.raises(DuospecError, match="neither a local transformers checkpoint nor a hub id"):
