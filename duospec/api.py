@@ -58,38 +58,53 @@ class GenerationInterrupted(KeyboardInterrupt):
 
 
 class _TextAssembler:
-    """Incremental detokenisation: emits only text that can no longer change.
+    """Incremental detokenisation that decodes a small window per round, not the whole answer.
 
-    A token can end in the middle of a multi-byte character; decoding then shows U+FFFD, so that tail
-    is held back until the next tokens complete it.
+    Decoding a suffix alone can lose a leading space (SentencePiece) or split a multi-byte character,
+    so each round decodes tokens from `_prefix` (a few already shown tokens, for context) and emits
+    what lies past the text of the already shown part of that window; a tail ending in U+FFFD (an
+    unfinished character) waits for the next tokens. The same scheme serves vLLM and TGI.
     """
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.token_ids: list[int] = []
-        self._shown = 0
+        self._prefix = 0  # window start
+        self._shown = 0  # tokens whose text has been emitted
 
     def push(self, token_ids: list[int]) -> str:
         self.token_ids.extend(token_ids)
-        text = self.text()
-        if text.endswith("\ufffd"):
+        shown_text = self._decode(self._prefix, self._shown)
+        window_text = self._decode(self._prefix, len(self.token_ids))
+        if window_text.endswith("\ufffd") or len(window_text) <= len(shown_text):
             return ""
-        delta, self._shown = text[self._shown :], len(text)
-        return delta
+        self._prefix, self._shown = self._shown, len(self.token_ids)
+        return window_text[len(shown_text) :]
 
     def flush(self) -> str:
-        text = self.text()
-        delta, self._shown = text[self._shown :], len(text)
-        return delta
+        """Whatever is still held back (an unfinished character at the very end)."""
+        shown_text = self._decode(self._prefix, self._shown)
+        window_text = self._decode(self._prefix, len(self.token_ids))
+        self._prefix = self._shown = len(self.token_ids)
+        return window_text[len(shown_text) :]
 
     def text(self) -> str:
-        return self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        """The whole answer's text, decoded once."""
+        return self._decode(0, len(self.token_ids))
+
+    def _decode(self, start: int, end: int) -> str:
+        return self.tokenizer.decode(self.token_ids[start:end], skip_special_tokens=True)
 
 
 class GenerationStream:
-    """Iterate for StreamChunks; afterwards (or after Ctrl-C) `.result` holds the whole answer."""
+    """Iterate for StreamChunks; afterwards (or after Ctrl-C or an error) `.result` holds the answer so far.
 
-    def __init__(self, chunks: Iterator[list[int]], assembler: _TextAssembler, prompt_tokens: int, stats: GenerationStats):
+    Only the newest stream of a Pipeline may advance: its models hold one KV cache each, so a stream
+    that was overtaken by a newer one raises a DuospecError instead of reading a cache that is not its.
+    """
+
+    def __init__(self, pipeline: "Pipeline", chunks: Iterator[list[int]], assembler: _TextAssembler, prompt_tokens: int, stats: GenerationStats):
+        self._pipeline = pipeline
         self._chunks = chunks
         self._assembler = assembler
         self._prompt_tokens = prompt_tokens
@@ -100,14 +115,26 @@ class GenerationStream:
         try:
             for token_ids in self._chunks:
                 yield StreamChunk(self._assembler.push(token_ids), token_ids)
+                if self._pipeline._active_stream is not self:
+                    raise DuospecError("a newer generation started on this Pipeline while this stream was open; finish or drop a stream before starting the next one")
         except KeyboardInterrupt as interrupt:
-            self._stats.finish("interrupted")
-            self._finalise()
+            self.stop("interrupted")
             raise GenerationInterrupted(self.result) from interrupt
+        except BaseException:
+            self.stop("error")
+            raise
         tail = self._assembler.flush()
         self._finalise()
         if tail:
             yield StreamChunk(tail, [])
+
+    def stop(self, reason: str) -> GenerationResult:
+        """End early (Ctrl-C in the caller's own code, an error) and keep everything generated so far."""
+        if self.result is None:
+            if not self._stats.finish_reason:
+                self._stats.finish(reason)
+            self._finalise()
+        return self.result
 
     def _finalise(self) -> None:
         self.result = GenerationResult(
@@ -142,8 +169,10 @@ class Pipeline:
         self.threads = threads
         self.progress = progress
         self._draft: HFModel | None = None
+        self._plain_draft: HFModel | None = None  # loaded only for transformers baselines
         self._target_costs: dict[int, float] | None = None
         self._draft_step: float | None = None
+        self._active_stream: GenerationStream | None = None  # the one stream whose caches the models hold
         self.eos_ids = _eos_ids(target, tokenizer)
 
     # -- models ---------------------------------------------------------------------------------
@@ -161,6 +190,19 @@ class Pipeline:
                 quantize_linear_layers_int8(model.model)
             self._draft = model
         return self._draft
+
+    def plain_draft_model(self) -> torch.nn.Module:
+        """The draft exactly as transformers loads it (same checkpoint and dtype, no int8 weights).
+
+        Baselines run this: it is what a user of the transformers library would pass as assistant.
+        """
+        if self.draft_quantization == "none":
+            return self.draft.model
+        if self._plain_draft is None:
+            from duospec.models.registry import resolve_checkpoint
+
+            self._plain_draft, _ = load_hf(resolve_checkpoint(self.draft_source, progress=self.progress), device=self.device, dtype=self.dtype, name=self.draft_source)
+        return self._plain_draft.model
 
     @property
     def draft_label(self) -> str | None:
@@ -202,11 +244,13 @@ class Pipeline:
         prompt: text (one user turn), token ids, or chat messages [{"role": ..., "content": ...}, ...]
         (a multi-turn conversation; the chat template is required then).
         """
-        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        if isinstance(prompt, list) and not prompt:
+            raise DuospecError("the prompt is empty; give text, token ids or chat messages")
+        if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
             return self._encode_messages(prompt)
         if isinstance(prompt, list):
-            if not prompt or not all(isinstance(t, int) and 0 <= t < self.target.vocab_size for t in prompt):
-                raise DuospecError(f"a token-id prompt must be a non-empty list of ints in [0, {self.target.vocab_size})")
+            if not all(isinstance(t, int) and 0 <= t < self.target.vocab_size for t in prompt):
+                raise DuospecError(f"a token-id prompt must be a list of ints in [0, {self.target.vocab_size})")
             return list(prompt)
         if not isinstance(prompt, str) or not prompt.strip():
             raise DuospecError("the prompt is empty; give some text (or '-' to read it from standard input)")
@@ -259,7 +303,9 @@ class Pipeline:
                 policy = GammaPolicy(self.target_profile(), draft_cost)
         stats = GenerationStats(method=method, prompt_tokens=len(prompt_ids), gamma_auto=gamma is None)
         chunks = generate_tokens(self.target, drafter, prompt_ids, request, policy, self.eos_ids, stats)
-        return GenerationStream(chunks, _TextAssembler(self.tokenizer), len(prompt_ids), stats)
+        stream = GenerationStream(self, chunks, _TextAssembler(self.tokenizer), len(prompt_ids), stats)
+        self._active_stream = stream
+        return stream
 
     def generate(self, prompt: str | list[int] | list[dict], **options) -> GenerationResult:
         """Generate a whole answer (same options as `stream`). Ctrl-C raises GenerationInterrupted

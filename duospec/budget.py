@@ -1,14 +1,21 @@
 """Draft budgets from measured costs (DESIGN.md 1.1), not guesses.
 
-With per-token acceptance rate alpha, a round that drafts gamma tokens emits on average
-E(gamma) = (1 - alpha^(gamma + 1)) / (1 - alpha) tokens and costs gamma * t_draft + t_target(gamma + 1),
-where t_target(n) is one target pass over n new tokens. We pick the gamma with the most tokens per
-second. On a CPU t_target(n) is flat only up to a few tokens, so the best gamma is small; on a GPU the
-flat part is long and the best gamma grows. Both costs are measured on this machine at load (and cached
-on disk); alpha is estimated online from each request's own verification outcomes.
+A round that drafts gamma tokens costs gamma * t_draft + t_target(gamma + 1), where t_target(n) is one
+target pass over n new tokens, and emits on average E(gamma) tokens. With one per-token acceptance rate
+alpha, E(gamma) = (1 - alpha^(gamma + 1)) / (1 - alpha) (Leviathan et al.). Drafts are not that
+uniform: a prompt-lookup draft's first token is a gamble but the rest is a copy, and a model draft is
+least sure right after a correction. So we keep two rates, alpha_first for the first draft token and
+alpha_next for each later one given the one before was accepted:
+E(gamma) = 1 + alpha_first * (1 - alpha_next^gamma) / (1 - alpha_next), which is Leviathan's formula
+when the two are equal. We pick the gamma with the most tokens per second. On a CPU t_target(n) is
+flat only up to a few tokens, so the best gamma is small unless the draft is reliably right; on a GPU
+the flat part is long and the best gamma grows. Both costs are measured on this machine at load (and
+cached on disk); the rates are estimated online from each request's own verification outcomes.
 
 Determinism: the policy depends only on the cost profile and on the request's own outcomes, never on
-wall-clock readings taken during the request, so a seeded sampled run repeats token for token.
+wall-clock readings taken during the request, so with the same (cached) profile a seeded sampled run
+repeats token for token. A different profile may change the draft lengths and with them the random
+draws; a fixed gamma removes that dependence.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import torch
 
 from duospec.models.base import Model
 
-DEFAULT_TARGET_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)
+DEFAULT_TARGET_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 33)
 
 
 @dataclass(frozen=True)
@@ -48,18 +55,29 @@ class CostProfile:
         return costs[high] + (costs[high] - costs[low]) / (high - low) * (n - high)
 
 
-def expected_tokens(alpha: float, gamma: int) -> float:
-    """Mean tokens emitted by a round of gamma draft tokens (accepted ones plus the recovered/bonus one)."""
-    if alpha >= 1.0:
-        return gamma + 1.0
-    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+def expected_tokens(alpha_first: float, gamma: int, alpha_next: float | None = None) -> float:
+    """Mean tokens emitted by a round of gamma draft tokens (accepted ones plus the recovered/bonus one).
+
+    alpha_next defaults to alpha_first: the geometric model, E = (1 - a^(gamma+1)) / (1 - a).
+    """
+    alpha_next = alpha_first if alpha_next is None else alpha_next
+    if gamma == 0:
+        return 1.0
+    run = gamma if alpha_next >= 1.0 else (1.0 - alpha_next**gamma) / (1.0 - alpha_next)
+    return 1.0 + alpha_first * run
 
 
-def best_gamma(alpha: float, profile: CostProfile, draft_step_seconds: float, max_gamma: int) -> int:
+def best_gamma(
+    alpha_first: float,
+    profile: CostProfile,
+    draft_step_seconds: float,
+    max_gamma: int,
+    alpha_next: float | None = None,
+) -> int:
     """The gamma in 1..max_gamma with the most expected tokens per second."""
     def rate(gamma: int) -> float:
         cost = gamma * draft_step_seconds + profile.target_pass(gamma + 1)
-        return expected_tokens(alpha, gamma) / cost
+        return expected_tokens(alpha_first, gamma, alpha_next) / cost
 
     return max(range(1, max_gamma + 1), key=rate)
 
@@ -90,24 +108,25 @@ class DraftBudget:
 
 
 class GammaPolicy:
-    """Chooses each round's draft budget; learns alpha from the outcomes of the current request.
+    """Chooses each round's draft budget; learns the acceptance rates from the current request.
 
-    alpha is a discounted Beta-Bernoulli estimate: each verified draft token up to and including the
-    first rejection is one Bernoulli trial (tokens after a rejection were never tested).
+    Both rates are discounted Beta-Bernoulli estimates. The first draft token of a round is one trial
+    of alpha_first; each later draft token whose predecessor was accepted is one trial of alpha_next
+    (tokens after a rejection were never tested).
 
     For a model draft the budget also stops drafting where it stops paying: one more draft token costs
     t_draft plus the growth of the verification pass, and is worth P(all drafted so far accepted) *
-    alpha expected tokens. Drafting continues while that expected gain, at the rate the best fixed
-    gamma would reach, covers the cost: cumulative confidence >= rate * (t_draft + dt_verify) / alpha.
-    On 22 Spec-Bench answers this rule gave 1.47x over autoregressive in simulation where the best fixed
-    gamma gave 1.37x, and it matched the best hand-tuned threshold.
+    alpha_next expected tokens. Drafting continues while that expected gain, at the rate the best fixed
+    gamma would reach, covers the cost: cumulative confidence >= rate * (t_draft + dt_verify) / alpha_next.
+    On 22 Spec-Bench answers this rule gave 1.47x over autoregressive in simulation where the best
+    fixed gamma gave 1.37x, and it matched the best hand-tuned threshold.
     """
 
     def __init__(
         self,
         profile: CostProfile | None,
         draft_step_seconds: float = 0.0,
-        max_gamma: int = 12,
+        max_gamma: int = 32,
         fixed_gamma: int | None = None,
         prior_alpha: float = 0.8,
         prior_weight: float = 4.0,
@@ -125,25 +144,38 @@ class GammaPolicy:
         self.reset()
 
     def reset(self) -> None:
-        self._successes = 0.0
-        self._failures = 0.0
+        self._first = [0.0, 0.0]  # discounted successes, trials of alpha_first
+        self._next = [0.0, 0.0]  # the same for alpha_next
+
+    def _estimate(self, counts: list[float]) -> float:
+        successes, trials = counts
+        return min((successes + self.prior_alpha * self.prior_weight) / (trials + self.prior_weight), 0.99)
+
+    @property
+    def alpha_first(self) -> float:
+        return self._estimate(self._first)
+
+    @property
+    def alpha_next(self) -> float:
+        return self._estimate(self._next)
 
     @property
     def alpha(self) -> float:
-        successes = self._successes + self.prior_alpha * self.prior_weight
-        trials = self._successes + self._failures + self.prior_weight
-        return min(successes / trials, 0.99)
+        """Accepted share of all trials so far (prior included): one number for reports."""
+        successes = self._first[0] + self._next[0] + self.prior_alpha * self.prior_weight
+        return min(successes / (self._first[1] + self._next[1] + self.prior_weight), 0.99)
 
     def next_budget(self) -> DraftBudget:
         if self.fixed_gamma is not None or self.profile is None:
             return DraftBudget(self.fixed_gamma)
-        alpha = self.alpha
-        gamma = best_gamma(alpha, self.profile, self.draft_step_seconds, self.max_gamma)
+        first, later = self.alpha_first, self.alpha_next
+        gamma = best_gamma(first, self.profile, self.draft_step_seconds, self.max_gamma, later)
         if self.draft_step_seconds == 0:
             return DraftBudget(gamma)  # a free draft has no confidence to stop on: draft the best gamma
-        rate = expected_tokens(alpha, gamma) / (gamma * self.draft_step_seconds + self.profile.target_pass(gamma + 1))
+        cost = gamma * self.draft_step_seconds + self.profile.target_pass(gamma + 1)
+        rate = expected_tokens(first, gamma, later) / cost
         floors = tuple(
-            0.0 if drafted == 0 else rate * (self.draft_step_seconds + self._verify_growth(drafted)) / alpha
+            0.0 if drafted == 0 else rate * (self.draft_step_seconds + self._verify_growth(drafted)) / later
             for drafted in range(self.max_gamma)
         )
         return DraftBudget(self.max_gamma, floors)
@@ -155,8 +187,10 @@ class GammaPolicy:
     def observe(self, drafted: int, accepted: int) -> None:
         if drafted == 0:
             return  # nothing was tested (e.g. prompt lookup found no match)
-        self._successes = self._successes * self.discount + accepted
-        self._failures = self._failures * self.discount + (1.0 if accepted < drafted else 0.0)
+        rejected_later = 1.0 if 0 < accepted < drafted else 0.0
+        self._first = [self._first[0] * self.discount + (accepted > 0), self._first[1] * self.discount + 1]
+        later_trials = max(0, accepted - 1) + rejected_later
+        self._next = [self._next[0] * self.discount + max(0, accepted - 1), self._next[1] * self.discount + later_trials]
 
 
 @torch.inference_mode()
@@ -165,6 +199,8 @@ def measure_target_costs(model: Model, sizes: tuple[int, ...], context_tokens: i
 
     The same measurement serves `duospec profile` and the budget. The cache is restored afterwards.
     """
+    if model.max_context is not None:  # never run past the model's positions
+        context_tokens = max(1, min(context_tokens, model.max_context - max(sizes) - 1))
     filler = torch.arange(context_tokens, device=model.device) % max(model.vocab_size - 1, 1)
     model.reset()
     model.forward(filler, last_only=True)
@@ -172,7 +208,7 @@ def measure_target_costs(model: Model, sizes: tuple[int, ...], context_tokens: i
     model.crop(context_tokens)
     costs: dict[int, float] = {}
     for n in sizes:
-        tokens = filler[:n] if n <= context_tokens else torch.arange(n, device=model.device) % (model.vocab_size - 1)
+        tokens = torch.arange(n, device=model.device) % max(model.vocab_size - 1, 1)
         samples = []
         for _ in range(repeats):
             _synchronize(model.device)

@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     except DuospecError as error:
         print(f"duospec: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # before any text existed (loading models, measuring costs)
+        print("\nduospec: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -107,7 +110,6 @@ def _prompts_from_file(path: Path) -> Iterator[str]:
 
 def run_generate(args: argparse.Namespace) -> int:
     import duospec
-    from duospec.api import GenerationInterrupted
 
     prompts = read_prompts(args)
     options = dict(
@@ -130,9 +132,10 @@ def run_generate(args: argparse.Namespace) -> int:
                 if not args.json:
                     sys.stdout.write(chunk.text)
                     sys.stdout.flush()
-        except GenerationInterrupted as interrupted:
-            _report(interrupted.result, args.json)
-            print(f"\nduospec: interrupted; kept the {interrupted.result.stats.new_tokens} tokens generated so far", file=sys.stderr)
+        except KeyboardInterrupt:  # GenerationInterrupted, or Ctrl-C while this loop was printing
+            partial = stream.stop("interrupted")
+            _report(partial, args.json)
+            print(f"\nduospec: interrupted; kept the {partial.stats.new_tokens} tokens generated so far", file=sys.stderr)
             return EXIT_INTERRUPTED
         _report(stream.result, args.json)
     return 0

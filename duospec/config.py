@@ -9,9 +9,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-METHODS_NEEDING_DRAFT_MODEL = frozenset({"sd"})
-
-
 class DuospecError(Exception):
     """An error caused by input or environment, with a message that says what to change.
 

@@ -22,7 +22,7 @@ class GenerationStats:
     drafted_tokens: int = 0  # draft tokens sent to verification
     accepted_tokens: int = 0  # draft tokens the verifier kept
     tokens_per_pass: list[int] = field(default_factory=list)  # emitted tokens of each target pass
-    gammas: list[int] = field(default_factory=list)  # draft budget asked for in each round
+    gammas: list[int] = field(default_factory=list)  # draft tokens proposed in each round
     seconds: float = 0.0
     ttft_seconds: float | None = None
     prefill_seconds: float = 0.0  # the target's prompt pass (the draft's prompt pass is draft time)
@@ -57,7 +57,7 @@ class GenerationStats:
 
     @property
     def gamma(self) -> int | None:
-        """The draft budget used most often (what the CLI reports as "the" gamma)."""
+        """The most frequent number of draft tokens per round (what the CLI reports as "the" gamma)."""
         return Counter(self.gammas).most_common(1)[0][0] if self.gammas else None
 
     @property

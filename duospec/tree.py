@@ -47,6 +47,8 @@ class TokenTree:
             depths[i] = depths[parent] + 1
         object.__setattr__(self, "depths", tuple(depths))
         object.__setattr__(self, "is_chain", all(self.parents[i] == i - 1 for i in range(1, n)))
+        if not self.is_chain:
+            self.check_siblings_distinct()
         if self.draft_probs is not None:
             if not self.is_chain:
                 raise ValueError("draft_probs are only kept for chains; trees are verified by target-sample matching")
@@ -57,6 +59,13 @@ class TokenTree:
     def chain(cls, tokens: torch.Tensor, draft_probs: torch.Tensor | None = None) -> "TokenTree":
         """A chain: tokens[0] is the root, tokens[i] follows tokens[i - 1]. tokens: [n] int64."""
         return cls(tokens=tokens, parents=tuple(range(-1, tokens.shape[0] - 1)), draft_probs=draft_probs)
+
+    def to(self, device: torch.device | str) -> "TokenTree":
+        """The same tree with its tensors on `device` (drafts may come from another device than the target's)."""
+        if self.tokens.device == torch.device(device):
+            return self
+        draft_probs = None if self.draft_probs is None else self.draft_probs.to(device)
+        return TokenTree(tokens=self.tokens.to(device), parents=self.parents, draft_probs=draft_probs)
 
     @property
     def n_nodes(self) -> int:

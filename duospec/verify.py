@@ -23,18 +23,18 @@ Rules
   any tree and any draft, and needs no q.
 
 All functions are pure: tensors and a `torch.Generator` in, a `Verdict` out; inputs are not modified.
-Each makes one host sync, at the end, to read the accepted count and the next token.
+Each makes one host sync, at the end, to read the accepted count, the next token and the tree's tokens.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from duospec.config import SamplingConfig
-from duospec.sampling import sample, warp_probs
+from duospec.sampling import choose, sample, warp_probs
 from duospec.tree import TokenTree
 
 
@@ -44,6 +44,8 @@ class Verdict:
 
     path: list[int]  # accepted node indices, root first (path[0] == 0)
     next_token: int  # recovered token after a rejection, or bonus token after the whole path
+    # The output: the path's draft tokens, then next_token (read in the same sync; derived, so not compared).
+    tokens: list[int] = field(default_factory=list, compare=False)
 
     @property
     def n_accepted(self) -> int:
@@ -64,6 +66,10 @@ def verify(
     """
     if lenience < 1.0 and not tree.is_chain:
         raise ValueError("lenience is defined for chains only; tree drafts are verified exactly")
+    if tree.n_nodes == 1:
+        # Nothing drafted (autoregressive decoding): the target's own choice, without the machinery.
+        next_token = int(choose(target_logits, sampling, generator)[0])
+        return Verdict(path=[0], next_token=next_token, tokens=[next_token])
     if sampling.is_greedy:
         if lenience < 1.0:
             return verify_greedy_lenient(tree, target_logits, lenience)
@@ -99,27 +105,27 @@ def walk(tree: TokenTree, choice: torch.Tensor) -> Verdict:
     Example: chain tokens [7, 3, 5, 9], choice [3, 5, 2, 8] -> path [0, 1, 2], next_token 2
     (3 and 5 match; 9 does not match the choice 2 at node 2, so 2 is emitted instead).
     """
-    n = tree.n_nodes
-    if n == 1:
-        return Verdict(path=[0], next_token=int(choice[0]))
-    parents = torch.tensor(tree.parents, device=choice.device).clamp_min_(0)  # root points to itself
-    matches = tree.tokens == choice[parents]
-    matches[0] = True
+    if tree.n_nodes == 1:
+        return _verdict(tree, [0], int(choice[0]), tree.tokens[:1].tolist())
     if tree.is_chain:
-        n_accepted = torch.cumprod(matches[1:].long(), 0).sum()
-        n_accepted, next_token = _read_pair(n_accepted, choice)
-        return Verdict(path=list(range(n_accepted + 1)), next_token=next_token)
+        matches = tree.tokens[1:] == choice[:-1]  # draft token i + 1 against the target's choice at node i
+        n_accepted = torch.cumprod(matches.long(), 0).sum()
+        n_accepted, next_token, tree_tokens = _read(n_accepted, choice, tree.tokens)
+        return _verdict(tree, list(range(n_accepted + 1)), next_token, tree_tokens)
     # A node is on the accepted path when it and all its ancestors match: AND along parent links by
     # pointer doubling, log2(depth) batched steps. Siblings carry distinct tokens, so the accepted
     # nodes form one path and the deepest of them ends it.
-    on_path, ancestor = matches, parents
+    parents = torch.tensor(tree.parents, device=choice.device).clamp_min_(0)  # the root points to itself
+    on_path = tree.tokens == choice[parents]
+    on_path[0] = True
+    ancestor = parents
     for _ in range(math.ceil(math.log2(max(tree.depths) + 1))):
         on_path = on_path & on_path[ancestor]
         ancestor = ancestor[ancestor]
     depths = tree.depth_tensor(choice.device)
     deepest = torch.where(on_path, depths, -1).argmax()
-    deepest, next_token = _read_pair(deepest, choice)
-    return Verdict(path=tree.path_to(deepest), next_token=next_token)
+    deepest, next_token, tree_tokens = _read(deepest, choice, tree.tokens)
+    return _verdict(tree, tree.path_to(deepest), next_token, tree_tokens)
 
 
 def verify_greedy_lenient(tree: TokenTree, target_logits: torch.Tensor, lenience: float) -> Verdict:
@@ -138,8 +144,8 @@ def verify_greedy_lenient(tree: TokenTree, target_logits: torch.Tensor, lenience
     accepted = draft_prob >= lenience * top_prob[:-1]
     n_accepted = torch.cumprod(accepted.long(), 0).sum()
     # After the last accepted node (lenient or not) the target's argmax there is emitted.
-    n_accepted, next_token = _read_pair(n_accepted, argmax)
-    return Verdict(path=list(range(n_accepted + 1)), next_token=next_token)
+    n_accepted, next_token, tree_tokens = _read(n_accepted, argmax, tree.tokens)
+    return _verdict(tree, list(range(n_accepted + 1)), next_token, tree_tokens)
 
 
 def chain_acceptance_law(
@@ -198,12 +204,19 @@ def verify_chain_sampling(
     accepted = uniform < accept_probs  # P(accept) = min(1, p / (l q))
     n_accepted = torch.cumprod(accepted.long(), 0).sum()
     candidates = sample(torch.cat([residual, target_probs[-1:]]), generator)  # [g + 1]: recovered..., bonus
-    n_accepted, next_token = _read_pair(n_accepted, candidates)
-    return Verdict(path=list(range(n_accepted + 1)), next_token=next_token)
+    n_accepted, next_token, tree_tokens = _read(n_accepted, candidates, tree.tokens)
+    return _verdict(tree, list(range(n_accepted + 1)), next_token, tree_tokens)
 
 
-def _read_pair(index: torch.Tensor, tokens: torch.Tensor) -> tuple[int, int]:
-    """Read a 0-d index and tokens[index] to the host in one sync. index: [] int64; tokens: [n]."""
-    picked = tokens.gather(0, index.view(1))
-    index_value, token = torch.cat([index.view(1), picked]).tolist()
-    return index_value, token
+def _read(index: torch.Tensor, candidates: torch.Tensor, tree_tokens: torch.Tensor) -> tuple[int, int, list[int]]:
+    """One host sync: a 0-d index, candidates[index] and the tree's tokens.
+
+    index: [] int64; candidates: [n] int64 (the token to emit after each node); tree_tokens: [n].
+    """
+    picked = candidates.gather(0, index.view(1))
+    values = torch.cat([index.view(1), picked, tree_tokens.to(candidates.device)]).tolist()
+    return values[0], values[1], values[2:]
+
+
+def _verdict(tree: TokenTree, path: list[int], next_token: int, tree_tokens: list[int]) -> Verdict:
+    return Verdict(path=path, next_token=next_token, tokens=[tree_tokens[node] for node in path[1:]] + [next_token])

@@ -48,15 +48,31 @@ def test_alpha_is_learned_from_outcomes():
     start = policy.alpha
     for _ in range(20):
         policy.observe(drafted=4, accepted=0)
-    assert policy.alpha < 0.2 < start
-    low_budget = policy.next_budget()
+    # Every first draft token failed and no later one was ever tested: only alpha_first learned.
+    assert policy.alpha_first < 0.2 < start
+    assert policy.alpha_next == pytest.approx(0.8)
     policy.reset()
     for _ in range(20):
         policy.observe(drafted=4, accepted=4)
-    assert policy.alpha > 0.95
-    high_budget = policy.next_budget()
-    # Higher alpha lowers the confidence the draft needs to keep going.
-    assert high_budget.confidence_floors[3] < low_budget.confidence_floors[3]
+    assert policy.alpha_first > 0.95 and policy.alpha_next > 0.95
+
+
+def test_observe_counts_first_and_later_trials():
+    """accepted 2 of 4: the first token is a success; later trials are token 2 (success) and token 3
+    (the rejection); token 4 was never tested."""
+    policy = GammaPolicy(CPU_PROFILE, 0.05, prior_weight=0.0, discount=1.0)
+    policy.observe(drafted=4, accepted=2)
+    assert policy.alpha_first == pytest.approx(0.99)  # 1 of 1, capped at 0.99
+    assert policy.alpha_next == pytest.approx(0.5)  # 1 of 2, not 1 of 3
+
+
+def test_two_rate_model_drafts_long_for_lookup_style_drafts():
+    """A free draft whose first token is a gamble but whose continuation is a copy should draft long:
+    the single-rate model with the same overall acceptance would draft short."""
+    copy_like = best_gamma(0.3, CPU_PROFILE, 0.0, 32, alpha_next=0.95)
+    uniform = best_gamma(0.5, CPU_PROFILE, 0.0, 32)
+    assert copy_like > uniform
+    assert expected_tokens(0.3, 3, alpha_next=0.9) == pytest.approx(1 + 0.3 * (1 + 0.9 + 0.81))
 
 
 def test_observe_ignores_rounds_without_drafts():
@@ -71,7 +87,7 @@ def test_budgets_by_kind_of_draft():
     free = GammaPolicy(CPU_PROFILE, 0.0).next_budget()
     assert free.confidence_floors == () and free.max_tokens >= 1  # lookup drafts have no confidence
     model = GammaPolicy(CPU_PROFILE, 0.094).next_budget()
-    assert model.max_tokens == 12 and model.confidence_floors[0] == 0.0  # always draft at least one
+    assert model.max_tokens == 32 and model.confidence_floors[0] == 0.0  # always draft at least one
     # Each later token must clear a real bar (draft + verification cost), below certainty on this profile.
     assert all(0.3 < floor < 1.0 for floor in model.confidence_floors[1:])
 

@@ -118,34 +118,35 @@ def test_pld_greedy_equals_ar(target, gamma):
     assert pld.stats.accepted_tokens > 0
 
 
+@pytest.mark.parametrize("draft_kind", ["same", "perturbed"])
 @pytest.mark.parametrize("method", ["sd", "pld"])
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 4, 5, 9])
-def test_max_new_tokens_boundaries(target, method, max_new_tokens):
-    """Rounds that would overshoot max_new_tokens are cut exactly; gamma 4 makes every length a boundary."""
-    pipe = tiny_pipeline(target, target)
+def test_max_new_tokens_boundaries(target, method, draft_kind, max_new_tokens):
+    """Rounds that would overshoot max_new_tokens are cut exactly; gamma 4 makes every length a boundary,
+    with full ("same") and partial ("perturbed") acceptance."""
+    pipe = tiny_pipeline(target, DRAFTS[draft_kind](target))
     for prompt in PROMPTS[:2]:
-        ar = pipe.generate(prompt, method="ar", max_new_tokens=max_new_tokens)
+        reference = hf_greedy(target, pipe.encode(prompt), max_new_tokens)
         other = pipe.generate(prompt, method=method, max_new_tokens=max_new_tokens, gamma=4)
-        assert len(ar.token_ids) == max_new_tokens
-        assert other.token_ids == ar.token_ids
+        assert len(reference) == max_new_tokens
+        assert other.token_ids == reference
         assert other.stats.finish_reason == "length"
 
 
+@pytest.mark.parametrize("draft_kind", ["same", "perturbed"])
 @pytest.mark.parametrize("method,gamma", [("sd", 1), ("sd", 4), ("pld", 3)])
-def test_eos_ends_every_method_at_the_same_token(target, method, gamma):
-    """Pick a token ar emits mid-answer and declare it EOS: every method must stop right after it,
-    even when it arrives in the middle of an accepted round (same draft: whole rounds accepted)."""
-    pipe = tiny_pipeline(target, target)
+def test_eos_ends_every_method_at_the_same_token(target, method, gamma, draft_kind):
+    """Pick a token ar emits mid-answer and declare it EOS: every method must stop right after it, even
+    when it arrives in the middle of an accepted round, and agree with transformers' generate."""
+    pipe = tiny_pipeline(target, DRAFTS[draft_kind](target))
     prompt = PROMPTS[2]
     free_run = pipe.generate(prompt, method="ar", max_new_tokens=20).token_ids
     stop_token = free_run[6]
     first_stop = free_run.index(stop_token)
     pipe.eos_ids = frozenset({stop_token})
-    ar = pipe.generate(prompt, method="ar", max_new_tokens=20)
     other = pipe.generate(prompt, method=method, max_new_tokens=20, gamma=gamma)
-    assert ar.token_ids == free_run[: first_stop + 1]
-    assert other.token_ids == ar.token_ids
-    assert other.stats.finish_reason == "eos" and ar.stats.finish_reason == "eos"
+    assert other.token_ids == free_run[: first_stop + 1] == hf_greedy(target, pipe.encode(prompt), 20, eos=stop_token)
+    assert other.stats.finish_reason == "eos"
 
 
 def test_eos_as_first_token(target):
@@ -171,8 +172,8 @@ def test_auto_gamma_is_reported_and_bounded(target):
     pipe = tiny_pipeline(target, perturbed(target, noise=0.2, seed=7))
     result = pipe.generate(PROMPTS[0], method="sd", max_new_tokens=30)
     assert result.stats.gamma_auto and result.stats.gamma is not None
-    # Every round drafts 1..12 tokens, except a last round with one token left to emit (none drafted).
-    assert all(1 <= g <= 12 for g in result.stats.gammas[:-1]) and 0 <= result.stats.gammas[-1] <= 12
+    # Every round drafts 1..32 tokens, except a last round with one token left to emit (none drafted).
+    assert all(1 <= g <= 32 for g in result.stats.gammas[:-1]) and 0 <= result.stats.gammas[-1] <= 32
     assert result.stats.alpha_estimate is not None
     record = result.to_dict()
     for key in ("text", "token_ids", "prompt_tokens", "new_tokens", "method", "gamma", "seconds", "tokens_per_second",
@@ -213,3 +214,24 @@ def test_seeded_sampling_repeats_and_leaves_global_rng_alone(target):
     assert torch.equal(before, torch.random.get_rng_state())
     outputs = {tuple(pipe.generate(PROMPTS[0], method="sd", **{**options, "seed": seed}).token_ids) for seed in range(5)}
     assert len(outputs) > 1, "the seed must actually drive sampling"
+
+
+def test_an_overtaken_stream_refuses_to_continue(target):
+    """One Pipeline holds one KV cache per model: a stream overtaken by a newer one must not go on
+    reading a cache that now belongs to the other."""
+    from duospec.config import DuospecError
+
+    pipe = tiny_pipeline(target, target)
+    first = iter(pipe.stream(PROMPTS[0], method="sd", max_new_tokens=10, gamma=2))
+    next(first)
+    second = pipe.generate(PROMPTS[1], method="ar", max_new_tokens=5)
+    assert len(second.token_ids) == 5
+    with pytest.raises(DuospecError, match="a newer generation started on this Pipeline"):
+        next(first)
+
+
+def test_streamed_chunks_add_up_to_the_final_text(target):
+    pipe = tiny_pipeline(target, perturbed(target, noise=0.2, seed=7))
+    stream = pipe.stream(PROMPTS[2], method="sd", max_new_tokens=30)
+    streamed = "".join(chunk.text for chunk in stream)
+    assert streamed == stream.result.text == pipe.tokenizer.decode(stream.result.token_ids, skip_special_tokens=True)

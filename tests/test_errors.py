@@ -92,7 +92,7 @@ def test_corrupt_model_files(tmp_path):
     tiny_model(seed=0).save_pretrained(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(DuospecError, match="files look corrupt or incomplete"):
+    with pytest.raises(DuospecError, match="If its files are damaged or incomplete, download or convert it again"):
         load_hf(tmp_path, device=torch.device("cpu"), dtype=torch.float32)
 
 

@@ -1,8 +1,10 @@
 """End to end: sampled `sd` and `pld` answers follow the target's law, like sampled `ar`.
 
-A tiny-vocabulary target (8 tokens) makes the exact law of the first two new tokens computable by
-enumeration (8 + 1 target passes). Thousands of seeded generations per method are then compared with
-that law by a chi-square goodness-of-fit test.
+A tiny-vocabulary target (8 tokens) makes the exact law of new tokens 2 and 3 computable by enumeration
+(1 + 8 + 64 target passes). Token 1 comes from the prompt pass; with gamma 2 the first speculative
+round then drafts two tokens, so tokens 2 and 3 exercise both draft positions, the recovered token
+and the bonus token. Thousands of seeded generations per method are compared with that law by a
+chi-square goodness-of-fit test.
 
 Why the threshold cannot flake: the seeds are fixed, so each test is deterministic; p > 1e-4 is the
 bar, and a correct sampler lands far above it (its p-value is uniform on [0, 1] over seeds), while
@@ -44,27 +46,32 @@ def models():
 
 
 def exact_two_token_law(target, sampling: SamplingConfig) -> torch.Tensor:
-    """[V, V] float64: P(first new token = a, second = b) under the warped target."""
-    with torch.no_grad():
-        first = warp_probs(target(torch.tensor([PROMPT])).logits[0, -1], sampling).double()
-        law = torch.zeros(VOCAB, VOCAB, dtype=torch.float64)
+    """[V, V] float64: P(new token 2 = a, new token 3 = b) under the warped target (token 1 summed out)."""
+
+    def law_after(tokens: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return warp_probs(target(torch.tensor([PROMPT + tokens])).logits[0, -1], sampling).double()
+
+    law = torch.zeros(VOCAB, VOCAB, dtype=torch.float64)
+    first = law_after([])
+    for t1 in range(VOCAB):
+        second = law_after([t1])
         for a in range(VOCAB):
-            second = warp_probs(target(torch.tensor([PROMPT + [a]])).logits[0, -1], sampling).double()
-            law[a] = first[a] * second
+            law[a] += first[t1] * second[a] * law_after([t1, a])
     return law / law.sum()  # float32 softmax rows sum to 1 only to ~1e-7; chisquare wants exact totals
 
 
 def sample_two_tokens(target, drafter, sampling: SamplingConfig, gamma: int, lenience: float = 1.0) -> torch.Tensor:
-    """[V, V] counts of the first two new tokens over SAMPLES seeded generations."""
+    """[V, V] counts of new tokens 2 and 3 over SAMPLES seeded generations."""
     counts = torch.zeros(VOCAB, VOCAB)
     target_model = HFModel(target)
     for seed in range(SAMPLES):
         seeded = SamplingConfig(**{**sampling.__dict__, "seed": seed})
-        request = GenerationRequest(method="sd", max_new_tokens=3, sampling=seeded, lenience=lenience)
+        request = GenerationRequest(method="sd", max_new_tokens=4, sampling=seeded, lenience=lenience)
         policy = GammaPolicy(None, fixed_gamma=gamma) if drafter is not None else None
         stats = GenerationStats("x", len(PROMPT))
         tokens = [t for chunk in generate_tokens(target_model, drafter, PROMPT, request, policy, frozenset(), stats) for t in chunk]
-        counts[tokens[0], tokens[1]] += 1
+        counts[tokens[1], tokens[2]] += 1
     return counts
 
 

@@ -2,8 +2,10 @@
 
 A user who does not pick duospec would call `model.generate(..., assistant_model=draft)` (assisted
 generation) or `model.generate(..., prompt_lookup_num_tokens=10)` (prompt lookup decoding). We run
-exactly that, with the library's defaults for everything we do not have to fix, on the very model
-objects, dtype and threads our methods use, and measure it the same way.
+exactly that, with the library's defaults for everything we do not have to fix, on the same target
+object, checkpoints, dtype and threads our methods use, and measure it the same way. The assistant is
+the draft as transformers loads it: where duospec stores its own draft's weights as int8 (a duospec
+optimisation), the baseline gets a plain copy in the requested dtype.
 
 What we must fix, and why: hub generation configs often carry sampling defaults (Qwen's sets
 temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.1) that `generate` applies unless told
@@ -86,7 +88,8 @@ def _generate_hf(name: str, pipe: "Pipeline", prompt_ids: list[int], settings: D
     from duospec.api import GenerationResult
 
     model = pipe.target.model
-    assistant = pipe.draft.model if name == "hf-assisted" else None
+    # The draft as transformers loads it: duospec's int8 draft weights are duospec's, not the library's.
+    assistant = pipe.plain_draft_model() if name == "hf-assisted" else None
     mode = {"assistant_model": assistant} if assistant is not None else {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS}
     input_ids = torch.tensor([prompt_ids], device=pipe.device)
     stats = GenerationStats(method=name, prompt_tokens=len(prompt_ids), gamma_auto=False)

@@ -1,8 +1,9 @@
 """A chain of draft tokens from a draft model (speculative decoding's drafter).
 
-The draft model keeps its own KV cache. Before each proposal it crops that cache to the longest prefix
-that still agrees with the context and feeds what it has not seen: usually just the new root, or the
-last draft token plus the bonus token after a fully accepted round (gpt-fast's catch-up step).
+The draft model keeps its own KV cache. After verification it learns how many of its draft tokens were
+accepted (`feedback`); before the next proposal it crops its cache to that valid prefix and feeds what
+it has not seen: usually just the new root, or the last draft token plus the bonus token after a fully
+accepted round (gpt-fast's catch-up step). No token is read back from the device for this.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ class ChainDrafter:
     def __init__(self, model: Model, target_vocab_size: int) -> None:
         self.model = model
         self.target_vocab_size = target_vocab_size
-        self._cached: list[int] = []  # tokens in the draft model's cache, confirmed on the host
-        self._unconfirmed: torch.Tensor | None = None  # draft tokens fed last round, read lazily
+        self._valid = 0  # leading context tokens the draft cache holds correctly
+        self._context_len = 0  # context length at the last proposal
+        self._fed_drafts = 0  # draft tokens of the last proposal fed to the draft (all but the last)
 
     def reset(self) -> None:
         self.model.reset()
-        self._cached = []
-        self._unconfirmed = None
+        self._valid = self._context_len = self._fed_drafts = 0
 
     def propose(
         self,
@@ -38,8 +39,12 @@ class ChainDrafter:
         sampling: SamplingConfig,
         generator: torch.Generator | None,
     ) -> TokenTree:
+        root = torch.tensor([context[-1]], device=self.model.device)
+        if self.model.max_context is not None and len(context) + budget.max_tokens > self.model.max_context:
+            self._context_len, self._fed_drafts = self._valid, 0  # feedback then keeps the cache as it is
+            return TokenTree.chain(root)  # the draft's own context is full: let the target go on alone
         logits = self._catch_up(context)  # [1, V]: the draft's law after the root
-        tokens: list[torch.Tensor] = [torch.tensor([context[-1]], device=self.model.device)]
+        tokens: list[torch.Tensor] = [root]
         draft_rows: list[torch.Tensor] = []
         confidence = 1.0  # the draft's own estimate that every token drafted so far is accepted
         while budget.allows(len(tokens) - 1, confidence):
@@ -48,7 +53,8 @@ class ChainDrafter:
             logits = self._fit_vocab(logits)
             if sampling.is_greedy:
                 token = logits.argmax(-1)  # [1]
-                chosen = torch.softmax(logits, -1).amax() if budget.confidence_floors else None
+                # The top probability, exp(max - logsumexp), without materialising a softmax.
+                chosen = torch.exp(logits.amax() - torch.logsumexp(logits, -1)) if budget.confidence_floors else None
             else:
                 probs = warp_probs(logits, sampling)  # [1, V]
                 token = sample(probs, generator)
@@ -57,32 +63,28 @@ class ChainDrafter:
             tokens.append(token)
             if chosen is not None:
                 confidence *= float(chosen)  # a host sync, but the loop must decide whether to go on
-        fed = tokens[1:-1]  # the last draft token is fed next round, if it is accepted
-        self._unconfirmed = torch.cat(fed) if fed else None
+        self._context_len = len(context)
+        self._fed_drafts = max(0, len(tokens) - 2)  # the last draft token is fed next round, if accepted
+        if self.model.cache_len != self._context_len + self._fed_drafts:
+            raise RuntimeError("draft cache out of step with the context: a cache bug")
         draft_probs = torch.cat(draft_rows) if draft_rows else None
         return TokenTree.chain(torch.cat(tokens), draft_probs)
 
     def feedback(self, verdict: Verdict) -> None:
-        pass  # the next `propose` compares its cache with the context, which covers every outcome
+        """The draft cache stays valid up to the root and the accepted drafts it was fed."""
+        self._valid = self._context_len + min(verdict.n_accepted, self._fed_drafts)
 
     def _catch_up(self, context: list[int]) -> torch.Tensor:
-        """Crop the draft cache to what still matches `context`, feed the rest, return last logits."""
-        # Tokens cached before the last proposal came from the context, which only grows by appending,
-        # so they still agree; only last round's draft tokens can disagree with it now.
-        valid = len(self._cached)
-        if self._unconfirmed is not None:
-            self._cached.extend(self._unconfirmed.tolist())
-            self._unconfirmed = None
-        limit = min(len(self._cached), len(context) - 1)  # always feed at least the root
-        while valid < limit and self._cached[valid] == context[valid]:
-            valid += 1
-        valid = min(valid, limit)
+        """Crop the draft cache to its valid prefix, feed the context's rest, return the last logits.
+
+        Usually the rest is the new root alone; after a fully accepted round it is the last draft token
+        plus the bonus token (gpt-fast's catch-up step); on the first round it is the whole prompt.
+        """
+        valid = min(self._valid, len(context) - 1)  # always feed at least the root
         if valid < self.model.cache_len:
             self.model.crop(valid)
-        del self._cached[valid:]
-        pending = context[valid:]
-        self._cached.extend(pending)
-        return self.model.forward(torch.tensor(pending, device=self.model.device), last_only=True)
+        pending = torch.tensor(context[valid:], device=self.model.device)
+        return self.model.forward(pending, last_only=True)
 
     def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Match the target's logit width: drop ids the target cannot emit, or pad with -inf."""

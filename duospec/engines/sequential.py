@@ -84,42 +84,44 @@ def generate_tokens(
 
         # 1. draft
         start = time.perf_counter()
-        if drafter is not None and budget is not None and budget.max_tokens > 0:
-            tree = drafter.propose(context, budget, sampling, generator)
+        proposed = drafter is not None and budget is not None and budget.max_tokens > 0
+        if proposed:
+            tree = drafter.propose(context, budget, sampling, generator).to(target.device)
         else:
             tree = TokenTree.chain(torch.tensor([context[-1]], device=target.device))
         stats.draft_seconds += time.perf_counter() - start
 
         # 2. score every node in one target pass
         start = time.perf_counter()
-        positions = target.cache_len + tree.depth_tensor(target.device)
-        tree_mask = None if tree.is_chain else tree.ancestor_mask(target.device)
-        logits = target.forward(tree.tokens.to(target.device), positions, tree_mask)
+        if tree.is_chain:
+            logits = target.forward(tree.tokens)  # positions follow the cache; the causal mask is the chain's
+        else:
+            positions = target.cache_len + tree.depth_tensor(target.device)
+            logits = target.forward(tree.tokens, positions, tree.ancestor_mask(target.device))
         stats.target_seconds += time.perf_counter() - start
         stats.target_passes += 1
 
         # 3. accept a path
         start = time.perf_counter()
         verdict = verify(tree, logits, sampling, generator, request.lenience)
-        tree_tokens = tree.tokens.tolist()
-        new_tokens = [tree_tokens[node] for node in verdict.path[1:]] + [verdict.next_token]
         stats.verify_seconds += time.perf_counter() - start
 
         # 4. keep exactly the accepted path in the target cache; the new root stays uncached
         target.keep(verdict.path)
-        context.extend(new_tokens)
-        assert target.cache_len == len(context) - 1, "target cache out of step with the context"
-        if drafter is not None:
+        context.extend(verdict.tokens)
+        if target.cache_len != len(context) - 1:
+            raise RuntimeError(f"target cache holds {target.cache_len} tokens, the context {len(context) - 1}: a cache bug")
+        if proposed:
             drafter.feedback(verdict)
 
         # 5. re-budget from this round's outcome
-        if policy is not None:
+        if policy is not None and proposed:
             policy.observe(tree.n_draft, verdict.n_accepted)
             stats.alpha_estimate = policy.alpha
         if drafter is not None:
             stats.gammas.append(tree.n_draft)
 
-        kept, reason = _truncate(new_tokens, request.max_new_tokens - emitted, eos_ids)
+        kept, reason = _truncate(verdict.tokens, request.max_new_tokens - emitted, eos_ids)
         stats.drafted_tokens += tree.n_draft
         stats.accepted_tokens += min(verdict.n_accepted, len(kept))  # draft tokens cut at EOS/length do not count
         emitted += len(kept)

@@ -31,7 +31,7 @@ class HFModel:
         self.vocab_size = int(getattr(head, "out_features", None) or head.weight.shape[0])
         self.max_context = getattr(model.config, "max_position_embeddings", None)
         self._mask_min = torch.finfo(self.dtype).min
-        self.cache = new_cache(model.config)
+        self.cache = new_cache(model.config, name)
         self._cache_len = 0
         self._last_start = 0  # cache length before the last forward: the base `keep` indexes from
 
@@ -40,7 +40,7 @@ class HFModel:
         return self._cache_len
 
     def reset(self) -> None:
-        self.cache = new_cache(self.model.config)
+        self.cache = new_cache(self.model.config, self.name)
         self._cache_len = 0
         self._last_start = 0
 
@@ -80,7 +80,7 @@ class HFModel:
             self.crop(start + len(nodes))  # a chain prefix: cropping is enough
             return
         index = torch.tensor(nodes, device=self.device) + start
-        for layer in self._plain_layers():
+        for layer in self.cache.layers:
             # The right-hand side is gathered into a new tensor first, so the overlapping write is safe.
             layer.keys[:, :, start : start + len(nodes)] = layer.keys.index_select(2, index)
             layer.values[:, :, start : start + len(nodes)] = layer.values.index_select(2, index)
@@ -92,16 +92,6 @@ class HFModel:
         if length < self._cache_len:
             self.cache.crop(length - self._cache_len)  # transformers 5 takes minus the tokens to remove
         self._cache_len = length
-
-    def _plain_layers(self) -> list:
-        layers = self.cache.layers
-        if any(getattr(layer, "is_sliding", False) for layer in layers):
-            raise DuospecError(
-                f"{self.name}: tree verification needs full attention in every layer; this model uses "
-                "sliding-window layers. Use a chain method (sd, pld) with it."
-            )
-        return layers
-
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
@@ -151,10 +141,16 @@ def load_hf(
             f"could not load model {source!r}: it is neither a local transformers checkpoint nor a hub id "
             f"that can be downloaded here (this machine may be offline). Details: {error}"
         ) from error
-    except Exception as error:  # safetensors, JSON and config errors all mean the files are unusable
+    except ImportError as error:
+        raise DuospecError(f"loading {source!r} needs a package that is not installed: {error}") from error
+    except Exception as error:  # safetensors, JSON and config errors: files that cannot be used as they are
         raise DuospecError(
-            f"could not load model {source!r}: its files look corrupt or incomplete ({type(error).__name__}: {error}). "
-            "Re-download or re-convert it (for the embedded models, delete its folder under the duospec cache)."
+            f"could not load model {source!r} ({type(error).__name__}: {error}). If its files are damaged or "
+            "incomplete, download or convert it again (for the embedded models, delete its folder under the "
+            "duospec cache); if its architecture is not supported by this transformers version, upgrade it."
         ) from error
-    model.to(device)
+    try:
+        model.to(device)
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
+        raise DuospecError(f"could not move {source!r} to {device}: {error}. Try another --device or --dtype.") from error
     return HFModel(model, name=name or source), tokenizer

@@ -13,6 +13,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from duospec.config import DuospecError
+
 _MIN_CAPACITY = 256
 
 
@@ -57,6 +59,27 @@ class GrowingLayer(DynamicLayer):
         self.keys = self.values = None
         self.is_initialized = False
 
+    # transformers' batch and offloading helpers, applied to the buffers so `keys`/`values` stay views.
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._apply_to_buffers(lambda buffer: buffer.index_select(0, beam_idx.to(buffer.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply_to_buffers(lambda buffer: buffer[indices, ...])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply_to_buffers(lambda buffer: buffer.repeat_interleave(repeats, dim=0))
+
+    def offload(self) -> None:
+        self._apply_to_buffers(lambda buffer: buffer.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        self._apply_to_buffers(lambda buffer: buffer.to(self.device, non_blocking=True))
+
+    def _apply_to_buffers(self, change) -> None:
+        if self.is_initialized:
+            self._key_buffer, self._value_buffer = change(self._key_buffer), change(self._value_buffer)
+            self._expose()
+
     def _grow(self, needed: int) -> None:
         capacity = max(needed, 2 * self._key_buffer.shape[-2])
         for name in ("_key_buffer", "_value_buffer"):
@@ -75,8 +98,20 @@ class GrowingLayer(DynamicLayer):
         return (batch, heads, capacity, head_dim)
 
 
-def new_cache(config) -> DynamicCache:
-    """A DynamicCache whose plain full-attention layers grow in place; other layer kinds stay as they are."""
+def new_cache(config, model_name: str = "model") -> DynamicCache:
+    """A DynamicCache of GrowingLayers; refuses models whose cache cannot be cut back to a prefix.
+
+    Speculative decoding drops rejected draft tokens from the cache. A sliding-window layer has already
+    forgotten the tokens that slid out, so it cannot return to an earlier state; such models are
+    refused with a clear message instead of failing mid-generation.
+    """
     cache = DynamicCache(config=config)
-    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    unsupported = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer})
+    if unsupported:
+        raise DuospecError(
+            f"{model_name}: duospec needs full attention in every layer, so that rejected draft tokens can be "
+            f"dropped from the KV cache; this model's cache has {', '.join(unsupported)} layers (e.g. sliding-window "
+            "attention). Pick a model without sliding-window layers."
+        )
+    cache.layers = [GrowingLayer() for _ in cache.layers]
     return cache
