@@ -24,6 +24,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -204,7 +205,8 @@ def measure_target_costs(model: Model, sizes: tuple[int, ...], context_tokens: i
     filler = torch.arange(context_tokens, device=model.device) % max(model.vocab_size - 1, 1)
     model.reset()
     model.forward(filler, last_only=True)
-    model.forward(filler[:1])  # warm-up of the decode path
+    for _ in range(2):  # warm-up of the decode path (pages in memory-mapped weights)
+        model.forward(filler[:1])
     model.crop(context_tokens)
     costs: dict[int, float] = {}
     for n in sizes:
@@ -227,15 +229,24 @@ def measure_draft_step(model: Model, context_tokens: int = 256, repeats: int = 5
     filler = torch.arange(context_tokens, device=model.device) % max(model.vocab_size - 1, 1)
     model.reset()
     model.forward(filler, last_only=True)
+    for _ in range(3):  # warm-up: freshly loaded (memory-mapped) weights are paged in by the first steps
+        model.forward(filler[:1], last_only=True)
     samples = []
-    for _ in range(repeats + 1):
+    for _ in range(repeats):
         _synchronize(model.device)
         start = time.perf_counter()
         model.forward(filler[:1], last_only=True)
         _synchronize(model.device)
         samples.append(time.perf_counter() - start)
     model.reset()
-    return sorted(samples[1:])[len(samples[1:]) // 2]
+    return sorted(samples)[len(samples) // 2]
+
+
+def profiles_dir() -> Path:
+    """Where measured costs are kept between runs (`duospec profile` refreshes them)."""
+    from duospec.models.registry import cache_root
+
+    return cache_root() / "profiles"
 
 
 def cached_measurement(key_parts: list[str] | None, measure: Callable[[], object], remeasure: bool = False) -> object:
@@ -246,10 +257,8 @@ def cached_measurement(key_parts: list[str] | None, measure: Callable[[], object
     """
     path = None
     if key_parts:
-        from duospec.models.registry import cache_root
-
         digest = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:16]
-        path = cache_root() / "profiles" / f"{digest}.json"
+        path = profiles_dir() / f"{digest}.json"
     if path is not None and path.exists() and not remeasure:
         try:
             return json.loads(path.read_text())["value"]

@@ -108,17 +108,18 @@ def _prompts_from_file(path: Path) -> Iterator[str]:
         raise DuospecError(f"{path} holds no prompts")
 
 
+def decoding_options(args: argparse.Namespace) -> dict[str, object]:
+    """The decoding flags `generate` and `bench` share, as keyword arguments."""
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+
+
 def run_generate(args: argparse.Namespace) -> int:
     import duospec
 
     prompts = read_prompts(args)
     options = dict(
         method=args.method,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
+        **decoding_options(args),
         gamma=args.gamma,
         lenience=args.lenience,
         chat=False if args.no_chat else None,

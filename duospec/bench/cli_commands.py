@@ -54,7 +54,8 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
         "profile",
         help="measure one target pass over n = 1 .. 256 tokens and one draft step on this machine",
         description="Measure what the draft budget depends on: the target's cost of one pass over n new tokens and "
-        "the draft's cost per token. Prints the table and writes profile.json and profile.png.",
+        "the draft's cost per token. Prints the table, writes profile.json and profile.png, and renews the costs the "
+        "draft budget keeps on disk (measured once per model, dtype, device and thread count).",
     )
     profile.add_argument("--sizes", type=_sizes, default=DEFAULT_SIZES, help=f"comma-separated n (default: {','.join(map(str, DEFAULT_SIZES))})")
     profile.add_argument("--context", type=int, default=256, help="cached tokens before each measured pass (default 256)")
@@ -74,7 +75,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from duospec.bench.methods import resolve_methods
     from duospec.bench.report import collect_meta, speedup_table, write_report
     from duospec.bench.runner import BenchSettings, check_out_dir, pipeline_flags, result_flags, run_bench
-    from duospec.cli import EXIT_INTERRUPTED
+    from duospec.cli import EXIT_INTERRUPTED, decoding_options
     from duospec.models.hf import resolve_device, resolve_dtype
     from duospec.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 
@@ -82,12 +83,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
         methods=args.methods,
         tasks=args.tasks,
         limit=args.limit,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
         questions=args.questions,
+        **decoding_options(args),
     )
     # Check everything that can be checked before spending time on loading models.
     settings.validate()
@@ -164,6 +161,7 @@ def run_profile_command(args: argparse.Namespace) -> int:
     from duospec.bench.profile import format_table, run_profile, write_profile
     from duospec.bench.report import collect_meta
     from duospec.bench.runner import draft_name
+    from duospec.budget import profiles_dir
     from duospec.config import DuospecError
 
     if args.context < 1 or args.repeats < 1:
@@ -173,6 +171,12 @@ def run_profile_command(args: argparse.Namespace) -> int:
     with_draft = not args.no_draft and draft_name(pipe) is not None
     profile = run_profile(pipe, args.sizes, context_tokens=args.context, repeats=args.repeats, with_draft=with_draft)
     print(format_table(profile))
+    # The budget keeps its own, smaller measurement on disk; a profile run is the moment to renew it.
+    pipe.target_profile(remeasure=True)
+    if with_draft:
+        pipe.draft_step_seconds(remeasure=True)
+    kept_on_disk = pipe.cost_key(pipe.target) is not None
+    print("renewed the draft budget's measured costs" + (f" (kept in {profiles_dir()})" if kept_on_disk else ""))
     flags = {"target": pipe.target.name, "draft": profile["draft"], "dtype": str(pipe.dtype), "device": str(pipe.device), "threads": pipe.threads}
     words = ["duospec", "profile", "--sizes", ",".join(map(str, args.sizes)), "--context", str(args.context), "--repeats", str(args.repeats)]
     command = shlex.join([*words, *(["--no-draft"] if args.no_draft else []), *_model_words(args), "--out", str(out)])
