@@ -127,7 +127,7 @@ def test_ctrl_c_prints_what_was_generated(tmp_path):
     long_context = tiny_model(seed=0, max_positions=1_000_000)  # so generation is still running at the signal
     long_context.save_pretrained(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DUOSPEC_CACHE": str(tmp_path / "cache")}  # leave the user's cache alone
     process = subprocess.Popen(
         [sys.executable, "-m", "duospec", "generate", "w1 w2 w3", "--method", "ar", "--max-new-tokens", "100000",
          "--no-chat", "--target", str(tmp_path), "--dtype", "float32"],
