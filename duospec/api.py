@@ -201,7 +201,11 @@ class Pipeline:
         if self._plain_draft is None:
             from duospec.models.registry import resolve_checkpoint
 
-            self._plain_draft, _ = load_hf(resolve_checkpoint(self.draft_source, progress=self.progress), device=self.device, dtype=self.dtype, name=self.draft_source)
+            if self.draft_source is None:
+                raise DuospecError("this method needs a draft model; pass --draft (or draft=...) with a model that shares the target's tokenizer")
+            model, draft_tokenizer = load_hf(resolve_checkpoint(self.draft_source, progress=self.progress), device=self.device, dtype=self.dtype, name=self.draft_source)
+            check_same_vocabulary(self.tokenizer, draft_tokenizer, self.target.name, self.draft_source)
+            self._plain_draft = model
         return self._plain_draft.model
 
     @property

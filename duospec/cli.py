@@ -83,16 +83,29 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return [prompt]
 
 
+def _is_jsonl(path: Path, lines: list[str]) -> bool:
+    """JSONL if the name says so or the first line is a JSON object; otherwise every line is a prompt,
+    even one that starts with "{" (code)."""
+    if path.suffix.lower() == ".jsonl":
+        return True
+    first = next((line for line in lines if line.strip()), "")
+    try:
+        return isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        return False
+
+
 def _prompts_from_file(path: Path) -> Iterator[str]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as error:
         raise DuospecError(f"cannot read prompts file {path}: {error.strerror}") from error
     found = False
+    jsonl = _is_jsonl(path, lines)
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        if line.lstrip().startswith("{"):
+        if jsonl:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:

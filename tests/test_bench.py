@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import duospec
 from bench_fixtures import TASK_CATEGORIES, one_thread, tiny_pipeline, write_small_questions
@@ -319,3 +320,68 @@ def test_cli_ctrl_c_keeps_the_answers_and_says_how_to_resume(pipe, questions, mo
     assert main(["bench", "--methods", "ar", "--questions", str(questions), "--out", str(out)]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and f"--out {out}" in err
+
+
+def test_the_printed_resume_command_repeats_every_flag_that_decides_the_results(questions, tmp_path):
+    """A resume command that dropped a flag would measure something else, or be refused by its own --out."""
+    import shlex
+
+    from duospec.bench.cli_commands import bench_command
+    from duospec.cli import build_parser
+
+    argv = ["bench", "--methods", "ar,sd", "--limit", "3", "--max-new-tokens", "9", "--temperature", "0", "--top-k", "5",
+            "--top-p", "0.9", "--seed", "4", "--questions", str(questions), "--draft-quant", "none", "--dtype", "float32",
+            "--threads", "1", "--out", str(tmp_path / "run")]
+    args = build_parser().parse_args(argv)
+    command = bench_command(args, ["ar", "sd"], ["qa"], 3, tmp_path / "run")
+    again = build_parser().parse_args(shlex.split(command)[1:])
+    for flag in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "questions", "draft_quant", "dtype", "threads", "target", "draft", "device"):
+        assert getattr(again, flag) == getattr(args, flag), flag
+
+
+def test_cli_refuses_an_out_of_other_flags_before_loading_models(pipe, questions, monkeypatch, capsys, tmp_path):
+    out = tmp_path / "run"
+    run_bench(pipe, BenchSettings(methods=("ar",), tasks=("qa",), limit=1, max_new_tokens=4, questions=questions), out, progress=False)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("models must not be loaded for a run that will be refused")
+
+    monkeypatch.setattr(duospec, "load", no_loading)
+    argv = ["bench", "--methods", "ar", "--tasks", "qa", "--limit", "1", "--max-new-tokens", "4", "--questions", str(questions), "--draft-quant", "none", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds results made with different flags" in err and "draft: " in err and "pass another --out" in err
+
+
+def test_greedy_verdicts_match_near_tie_mismatch_and_a_later_turn_inherits(pipe, monkeypatch):
+    """The bench's greedy check on a real target: a copy of ar's answer matches; an answer that takes the
+    target's least likely token is a mismatch; with a tolerance wider than that margin it is a near-tie;
+    the second turn after a differing first one inherits the first's verdict."""
+    import duospec.bench.runner as runner
+
+    prompt = [1, 2, 3]
+    reference = pipe.generate(prompt, method="ar", max_new_tokens=6).token_ids
+    assert runner._greedy_check(pipe, prompt, reference, list(reference), [])["status"] == "match"
+    pipe.target.reset()
+    logits = pipe.target.forward(torch.tensor([*prompt, *reference[:2]]), last_only=True)[-1]
+    pipe.target.reset()
+    wrong = [*reference[:2], int(logits.argmin()), *reference[3:]]
+    verdict = runner._greedy_check(pipe, prompt, reference, wrong, [])
+    assert verdict["status"] == "mismatch" and verdict["position"] == 2
+    assert verdict["margin"] == pytest.approx(float(logits.max() - logits.min()), rel=1e-4)
+    monkeypatch.setattr(runner, "near_tie_tolerance", lambda dtype: verdict["margin"] + 1.0)
+    assert runner._greedy_check(pipe, prompt, reference, wrong, [])["status"] == "near_tie"
+    first_turn = {"turn": 1, "greedy": verdict}
+    inherited = runner._greedy_check(pipe, [9, 9], [5], [5], [first_turn])
+    assert inherited["status"] == "mismatch" and inherited["after_turn"] == 1
+
+
+def test_report_counts_near_ties_and_mismatches_from_the_records(full_run, tmp_path):
+    from duospec.bench.report import summarize
+
+    records = _records(full_run)
+    sd = [r for r in records if r["method"] == "sd"]
+    sd[0]["greedy"] = {**sd[0]["greedy"], "status": "near_tie"}
+    sd[1]["greedy"] = {**sd[1]["greedy"], "status": "mismatch"}
+    overall = summarize(records)["results"]["sd"]["overall"]["greedy"]
+    assert (overall["match"], overall["near_tie"], overall["mismatch"]) == (len(sd) - 2, 1, 1)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -74,6 +76,10 @@ def test_prompts_file_plain_and_jsonl(checkpoints, capsys, tmp_path):
     code, out, _ = run_cli(["generate", "--prompts-file", str(jsonl), "--method", "ar", "--max-new-tokens", "4", "--json", *model_flags(checkpoints)], capsys)
     first, second = (json.loads(line) for line in out.strip().splitlines())
     assert first["prompt_tokens"] != second["prompt_tokens"]
+    code_lines = tmp_path / "code.txt"  # a plain prompt may start with "{" (code) and is still a prompt
+    code_lines.write_text("w1 w2\n{ w3 w4 }\n")
+    code, out, _ = run_cli(["generate", "--prompts-file", str(code_lines), "--method", "ar", "--max-new-tokens", "2", "--json", *model_flags(checkpoints)], capsys)
+    assert code == 0 and len(out.strip().splitlines()) == 2
 
 
 def test_prompts_file_errors_name_the_line(checkpoints, capsys, tmp_path):
@@ -138,5 +144,51 @@ def test_ctrl_c_prints_what_was_generated(tmp_path):
     process.send_signal(signal.SIGINT)
     rest, err = process.communicate(timeout=60)
     assert process.returncode == 130
-    assert len(first_output + rest) >= 8
-    assert "interrupted; kept the" in err and "Traceback" not in err
+    kept = re.search(r"interrupted; kept the (\d+) tokens generated so far", err)
+    assert kept and int(kept.group(1)) >= 1 and "Traceback" not in err
+    assert len(first_output + rest) >= int(kept.group(1))  # every kept token was printed (at least a character each)
+
+
+def test_ctrl_c_with_json_prints_the_partial_object(tmp_path):
+    """With --json nothing streams, so the partial answer must come out as the JSON object itself."""
+    long_context = tiny_model(seed=0, max_positions=1_000_000)
+    long_context.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DUOSPEC_CACHE": str(tmp_path / "cache")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "duospec", "generate", "w1 w2 w3", "--method", "pld", "--max-new-tokens", "100000",
+         "--no-chat", "--target", str(tmp_path), "--dtype", "float32", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    err_chunks: list[str] = []
+    reader = threading.Thread(target=lambda: err_chunks.extend(iter(lambda: process.stderr.read(1), "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while "100%" not in "".join(err_chunks) and time.monotonic() < deadline:  # transformers' loading bar: loaded
+        assert process.poll() is None, "".join(err_chunks)
+        time.sleep(0.1)
+    time.sleep(2.0)  # generation is running (100000 tokens take minutes)
+    process.send_signal(signal.SIGINT)
+    out = process.stdout.read()
+    process.wait(timeout=60)
+    reader.join(timeout=10)
+    assert process.returncode == 130, "".join(err_chunks)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["finish_reason"] == "interrupted" and result["method"] == "pld"
+    assert result["new_tokens"] == len(result["token_ids"]) >= 1 and result["text"]
+
+
+def test_a_draft_with_another_vocabulary_is_refused_by_every_path(checkpoints, capsys, tmp_path):
+    """The check runs where a draft is loaded: for our methods and for the transformers baseline's plain copy."""
+    import duospec
+    from duospec.config import DuospecError
+
+    other = tmp_path / "other-draft"
+    tiny_model(seed=3, vocab_size=48).save_pretrained(other)
+    tiny_tokenizer(48).save_pretrained(other)
+    target, _ = checkpoints
+    code, _, err = run_cli(["generate", "w1 w2", "--method", "sd", "--target", str(target), "--draft", str(other), "--dtype", "float32"], capsys)
+    assert code == 2 and "do not share a tokenizer" in err and "Traceback" not in err
+    pipe = duospec.load(str(target), str(other), dtype="float32", draft_quantization="int8")
+    with pytest.raises(DuospecError, match="do not share a tokenizer"):
+        pipe.plain_draft_model()

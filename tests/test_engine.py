@@ -240,7 +240,8 @@ def test_streamed_chunks_add_up_to_the_final_text(target):
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_lenience_raises_acceptance_and_one_is_exact(target, temperature):
     """Lenience is the documented lossy knob: below 1 it accepts more drafts (measured here on a partly
-    right draft); at 1 it is the exact method, token for token under the same seed."""
+    right draft); an explicit lenience of 1 is the exact method (greedy: ar's tokens; the sampled law at
+    L = 1 is checked exactly in test_verify)."""
     pipe = tiny_pipeline(target, perturbed(target, noise=0.3, seed=7))
     options = dict(method="sd", max_new_tokens=40, gamma=4, temperature=temperature)
 
@@ -249,7 +250,7 @@ def test_lenience_raises_acceptance_and_one_is_exact(target, temperature):
         return sum(r.stats.accepted_tokens for r in results) / sum(r.stats.drafted_tokens for r in results)
 
     assert acceptance(0.3) > acceptance(1.0) + 0.05
-    for seed in range(3):
-        exact = pipe.generate(PROMPTS[0], seed=seed, **options)
-        lenient_one = pipe.generate(PROMPTS[0], seed=seed, lenience=1.0, **options)
-        assert lenient_one.token_ids == exact.token_ids
+    if temperature == 0.0:
+        for prompt in PROMPTS:
+            autoregressive = pipe.generate(prompt, method="ar", max_new_tokens=40)
+            assert pipe.generate(prompt, lenience=1.0, **options).token_ids == autoregressive.token_ids

@@ -8,7 +8,7 @@ chi-square goodness-of-fit test.
 
 Why the threshold cannot flake: the seeds are fixed, so each test is deterministic; p > 1e-4 is the
 bar, and a correct sampler lands far above it (its p-value is uniform on [0, 1] over seeds), while
-an always-accept verifier is rejected with p ~ 0 (test_the_check_rejects_a_wrong_sampler).
+an always-accept verifier is rejected with p ~ 0 (test_the_check_rejects_a_lossy_sampler).
 """
 
 from __future__ import annotations

@@ -126,8 +126,10 @@ def bench_command(args: argparse.Namespace, methods: list[str], tasks: list[str]
     """The `duospec bench` command line that reproduces (or resumes) a run."""
     words = ["duospec", "bench", "--methods", ",".join(methods), "--tasks", ",".join(tasks), "--limit", str(limit)]
     words += ["--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature)]
-    if args.temperature > 0:
-        words += ["--top-p", str(args.top_p), "--top-k", str(args.top_k)]
+    if args.top_p != 1.0:
+        words += ["--top-p", str(args.top_p)]
+    if args.top_k != 0:
+        words += ["--top-k", str(args.top_k)]
     words += ["--seed", str(args.seed)]
     if args.questions is not None:
         words += ["--questions", str(args.questions)]
@@ -142,6 +144,8 @@ def _model_words(args: argparse.Namespace) -> list[str]:
             words += [f"--{flag}", str(getattr(args, flag))]
     if args.dtype != "bfloat16":
         words += ["--dtype", args.dtype]
+    if args.draft_quant != "auto":
+        words += ["--draft-quant", args.draft_quant]
     return words
 
 
