@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from duospec.budget import CostProfile, GammaPolicy, draft_step_for, target_costs_for
-from duospec.config import DuospecError, GenerationRequest, SamplingConfig
+from duospec.config import DRAFT_QUANTIZATIONS, DuospecError, GenerationRequest, SamplingConfig
 from duospec.drafting import METHODS
 from duospec.engines.sequential import generate_tokens
 from duospec.models.hf import HFModel, load_hf, resolve_device, resolve_dtype
@@ -180,12 +180,7 @@ class Pipeline:
     def draft(self) -> HFModel:
         """The draft model, loaded on first use (methods without a draft never pay for it)."""
         if self._draft is None:
-            if self.draft_source is None:
-                raise DuospecError("this method needs a draft model; pass --draft (or draft=...) with a model that shares the target's tokenizer")
-            from duospec.models.registry import resolve_checkpoint
-
-            model, draft_tokenizer = load_hf(resolve_checkpoint(self.draft_source, progress=self.progress), device=self.device, dtype=self.dtype, name=self.draft_label)
-            check_same_vocabulary(self.tokenizer, draft_tokenizer, self.target.name, self.draft_source)
+            model = self._load_draft(name=self.draft_label)
             if self.draft_quantization == "int8":
                 quantize_linear_layers_int8(model.model)
             self._draft = model
@@ -199,14 +194,18 @@ class Pipeline:
         if self.draft_quantization == "none":
             return self.draft.model
         if self._plain_draft is None:
-            from duospec.models.registry import resolve_checkpoint
-
-            if self.draft_source is None:
-                raise DuospecError("this method needs a draft model; pass --draft (or draft=...) with a model that shares the target's tokenizer")
-            model, draft_tokenizer = load_hf(resolve_checkpoint(self.draft_source, progress=self.progress), device=self.device, dtype=self.dtype, name=self.draft_source)
-            check_same_vocabulary(self.tokenizer, draft_tokenizer, self.target.name, self.draft_source)
-            self._plain_draft = model
+            self._plain_draft = self._load_draft(name=self.draft_source)
         return self._plain_draft.model
+
+    def _load_draft(self, name: str | None) -> HFModel:
+        """The draft checkpoint in the pipeline's device and dtype, once its vocabulary is checked."""
+        if self.draft_source is None:
+            raise DuospecError("this method needs a draft model; pass --draft (or draft=...) with a model that shares the target's tokenizer")
+        from duospec.models.registry import resolve_checkpoint
+
+        model, draft_tokenizer = load_hf(resolve_checkpoint(self.draft_source, progress=self.progress), device=self.device, dtype=self.dtype, name=name)
+        check_same_vocabulary(self.tokenizer, draft_tokenizer, self.target.name, self.draft_source)
+        return model
 
     @property
     def draft_label(self) -> str | None:
@@ -370,8 +369,6 @@ def load(
         progress=progress,
     )
 
-
-DRAFT_QUANTIZATIONS = ("auto", "int8", "none")
 
 
 def resolve_draft_quantization(choice: str, device: torch.device, dtype: torch.dtype) -> str:

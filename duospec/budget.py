@@ -163,8 +163,7 @@ class GammaPolicy:
     @property
     def alpha(self) -> float:
         """Accepted share of all trials so far (prior included): one number for reports."""
-        successes = self._first[0] + self._next[0] + self.prior_alpha * self.prior_weight
-        return min(successes / (self._first[1] + self._next[1] + self.prior_weight), 0.99)
+        return self._estimate([self._first[0] + self._next[0], self._first[1] + self._next[1]])
 
     def next_budget(self) -> DraftBudget:
         if self.fixed_gamma is not None or self.profile is None:

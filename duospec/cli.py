@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from duospec.config import DuospecError
+from duospec.config import DRAFT_QUANTIZATIONS, DuospecError
 from duospec.drafting import METHODS
 
 EXIT_USAGE = 2
@@ -23,7 +23,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
     group.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="weights and activations (default: bfloat16, faster than float32 on CPUs with bf16 support)")
     group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, usually the core count)")
-    group.add_argument("--draft-quant", default="auto", choices=["auto", "int8", "none"], help="store the draft's weights as int8 (auto: on CPUs); halves a draft step's memory traffic, exactness unchanged")
+    group.add_argument("--draft-quant", default="auto", choices=DRAFT_QUANTIZATIONS, help="store the draft's weights as int8 (auto: on CPUs); halves a draft step's memory traffic, exactness unchanged")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

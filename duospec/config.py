@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+DRAFT_QUANTIZATIONS = ("auto", "int8", "none")  # how the draft's weights are stored (--draft-quant)
+
 class DuospecError(Exception):
     """An error caused by input or environment, with a message that says what to change.
 

@@ -51,15 +51,17 @@ class ChainDrafter:
             if len(tokens) > 1:  # feed the previous draft token only now that another one is wanted
                 logits = self.model.forward(tokens[-1], last_only=True)
             logits = self._fit_vocab(logits)
+            # Only a budget with confidence floors reads the confidence, and not after its last token.
+            wants_confidence = bool(budget.confidence_floors) and len(tokens) < budget.max_tokens
             if sampling.is_greedy:
-                token = logits.argmax(-1)  # [1]
+                top, token = logits.max(-1)  # [1], [1]
                 # The top probability, exp(max - logsumexp), without materialising a softmax.
-                chosen = torch.exp(logits.amax() - torch.logsumexp(logits, -1)) if budget.confidence_floors else None
+                chosen = torch.exp(top - torch.logsumexp(logits, -1)) if wants_confidence else None
             else:
                 probs = warp_probs(logits, sampling)  # [1, V]
                 token = sample(probs, generator)
                 draft_rows.append(probs)
-                chosen = probs[0, token[0]] if budget.confidence_floors else None
+                chosen = probs[0, token[0]] if wants_confidence else None
             tokens.append(token)
             if chosen is not None:
                 confidence *= float(chosen)  # a host sync, but the loop must decide whether to go on
