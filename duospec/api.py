@@ -12,10 +12,10 @@
 
 from __future__ import annotations
 
-import platform
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -23,8 +23,10 @@ from duospec.budget import CostProfile, GammaPolicy, draft_step_for, target_cost
 from duospec.config import DRAFT_QUANTIZATIONS, DuospecError, GenerationRequest, SamplingConfig
 from duospec.drafting import METHODS
 from duospec.engines.sequential import generate_tokens
-from duospec.models.hf import HFModel, load_hf, resolve_device, resolve_dtype
-from duospec.models.int8 import int8_kernel_available, quantize_linear_layers_int8
+from duospec.models.base import Model
+from duospec.models.hf import resolve_device, resolve_dtype
+from duospec.models.int8 import int8_kernel_available
+from duospec.models.loading import LoadedModel, LoadOptions, hf_eos_ids, load_model, resolve_backend
 from duospec.stats import GenerationStats
 
 
@@ -146,11 +148,15 @@ class GenerationStream:
 
 
 class Pipeline:
-    """A loaded target, its tokenizer and (on demand) a draft model; answers generate/stream calls."""
+    """A loaded target, its tokenizer and (on demand) a draft model; answers generate/stream calls.
+
+    Backend-neutral: the target and the draft are `Model`s (transformers or llama.cpp, each its own),
+    the tokenizer is a transformers tokenizer on both backends (same ids for the same text).
+    """
 
     def __init__(
         self,
-        target: HFModel,
+        target: Model,
         tokenizer,
         *,
         draft_source: str | None = None,
@@ -158,70 +164,132 @@ class Pipeline:
         device: torch.device,
         dtype: torch.dtype,
         threads: int,
+        backend: str = "transformers",
+        draft_options: LoadOptions | None = None,
+        eos_ids: frozenset[int] | None = None,
+        cost_identity: list[str] | None = None,
+        target_source: str | None = None,
         progress: bool = True,
     ) -> None:
         self.target = target
+        self.target_source = target_source or target.name  # what loaded it: embedded name, path or hub id
+        self._hf_target = None  # a transformers copy of a llama.cpp target, for baselines
         self.tokenizer = tokenizer
         self.draft_source = draft_source
         self.draft_quantization = draft_quantization  # "int8" or "none", already resolved for this device
         self.device = device
         self.dtype = dtype
         self.threads = threads
+        self.backend = backend  # the target's backend
+        self.draft_options = draft_options  # how the draft is loaded (backend, threads, ...)
         self.progress = progress
-        self._draft: HFModel | None = None
-        self._plain_draft: HFModel | None = None  # loaded only for transformers baselines
+        self._draft: Model | None = None
+        self._draft_identity: list[str] | None = None
+        self._plain_draft: Model | None = None  # loaded only for transformers baselines
+        self._target_identity = cost_identity
         self._target_costs: dict[int, float] | None = None
         self._draft_step: float | None = None
         self._active_stream: GenerationStream | None = None  # the one stream whose caches the models hold
-        self.eos_ids = _eos_ids(target, tokenizer)
+        self.eos_ids = eos_ids if eos_ids is not None else hf_eos_ids(target, tokenizer)
 
     # -- models ---------------------------------------------------------------------------------
     @property
-    def draft(self) -> HFModel:
+    def draft_backend(self) -> str:
+        return self.draft_options.backend if self.draft_options is not None else self.backend
+
+    @property
+    def draft(self) -> Model:
         """The draft model, loaded on first use (methods without a draft never pay for it)."""
         if self._draft is None:
-            model = self._load_draft(name=self.draft_label)
-            if self.draft_quantization == "int8":
-                quantize_linear_layers_int8(model.model)
-            self._draft = model
+            loaded = self._load_draft(self._draft_load_options(), name=self.draft_label)
+            self._draft, self._draft_identity = loaded.model, loaded.cost_identity
         return self._draft
+
+    def _draft_load_options(self, quantization: str | None = None) -> LoadOptions:
+        options = self.draft_options or LoadOptions(backend=self.backend, device=self.device, dtype=self.dtype)
+        if quantization is not None:
+            from dataclasses import replace
+
+            options = replace(options, quantization=quantization)
+        elif options.backend == "transformers":
+            from dataclasses import replace
+
+            options = replace(options, quantization=self.draft_quantization)
+        return options
 
     def plain_draft_model(self) -> torch.nn.Module:
         """The draft exactly as transformers loads it (same checkpoint and dtype, no int8 weights).
 
         Baselines run this: it is what a user of the transformers library would pass as assistant.
         """
-        if self.draft_quantization == "none":
+        if self.draft_backend == "transformers" and self.draft_quantization == "none":
             return self.draft.model
         if self._plain_draft is None:
-            self._plain_draft = self._load_draft(name=self.draft_source)
+            from dataclasses import replace
+
+            options = replace(self._draft_load_options(quantization="none"), backend="transformers", device=self.device, dtype=self.dtype)
+            self._plain_draft = self._load_draft(options, name=self.draft_source).model
         return self._plain_draft.model
 
-    def _load_draft(self, name: str | None) -> HFModel:
-        """The draft checkpoint in the pipeline's device and dtype, once its vocabulary is checked."""
+    def _load_draft(self, options: LoadOptions, name: str | None) -> LoadedModel:
+        """The draft on its backend, once its vocabulary is checked against the target's."""
         if self.draft_source is None:
             raise DuospecError("this method needs a draft model; pass --draft (or draft=...) with a model that shares the target's tokenizer")
-        from duospec.models.registry import resolve_checkpoint
-
-        model, draft_tokenizer = load_hf(resolve_checkpoint(self.draft_source, progress=self.progress), device=self.device, dtype=self.dtype, name=name)
-        check_same_vocabulary(self.tokenizer, draft_tokenizer, self.target.name, self.draft_source)
-        return model
+        loaded = load_model(self.draft_source, options, name=name, progress=self.progress)
+        check_same_vocabulary(self.tokenizer, loaded.tokenizer, self.target.name, self.draft_source)
+        return loaded
 
     @property
     def draft_label(self) -> str | None:
-        """The draft's source plus how its weights are stored (what a measurement of it depends on)."""
-        return draft_label(self.draft_source, self.draft_quantization)
+        """The draft's source plus its backend and weight storage (what a measurement of it depends on)."""
+        label = draft_label(self.draft_source, self.draft_quantization if self.draft_backend == "transformers" else "none")
+        if label is not None and self.draft_backend != "transformers":
+            label = f"{label}@{self.draft_backend}"
+        return label
 
-    def attach_draft(self, model: HFModel) -> None:
+    def transformers_target(self) -> torch.nn.Module:
+        """The target as a transformers module (for the transformers baselines): the pipeline's own
+        target where it runs on transformers, else a transformers copy loaded on first use."""
+        if self.backend == "transformers":
+            return self.target.model
+        if self._hf_target is None:
+            options = LoadOptions(backend="transformers", device=self.device, dtype=self.dtype, threads=self.threads)
+            self._hf_target = load_model(self.target_source, options, name=self.target_source, progress=self.progress).model
+        return self._hf_target.model
+
+    def has_gguf(self) -> bool:
+        """Whether the target exists as a GGUF file (for the llama.cpp baselines), without building it."""
+        from duospec.models.loading import has_gguf
+
+        return getattr(self.target, "path", None) is not None or has_gguf(self.target_source)
+
+    def gguf_path(self) -> Path:
+        """The target's GGUF file (for the llama.cpp baselines), or a DuospecError when it has none."""
+        path = getattr(self.target, "path", None)
+        if path is not None:
+            return Path(path)
+        from duospec.models.loading import is_gguf_path
+        from duospec.models.registry import EMBEDDED_MODELS, ensure_gguf
+
+        if self.target_source in EMBEDDED_MODELS:
+            return ensure_gguf(EMBEDDED_MODELS[self.target_source], progress=self.progress)
+        if is_gguf_path(self.target_source):
+            return Path(self.target_source).expanduser()
+        raise DuospecError(f"the target {self.target_source!r} is not a GGUF model (embedded name or .gguf file)")
+
+    def attach_draft(self, model: Model) -> None:
         """Use an already loaded draft model (tests, notebooks). It must share the target's tokenizer."""
         self._draft = model
+        self._draft_identity = None
         self._draft_step = None
 
-    def cost_key(self, model: HFModel) -> list[str] | None:
-        """What a measured cost depends on; None for in-memory models (no stable name)."""
-        if model.name == "model":
-            return None
-        return [model.name, str(self.dtype), str(self.device), str(self.threads), torch.__version__, platform.processor() or platform.machine()]
+    def cost_key(self, model: Model) -> list[str] | None:
+        """What a measured cost depends on; None for models built in memory (nothing stable to key on)."""
+        if model is self.target:
+            return self._target_identity
+        if model is self._draft:
+            return self._draft_identity
+        return None
 
     def target_profile(self, remeasure: bool = False) -> CostProfile:
         """Seconds per target pass over n tokens, measured once per machine and cached on disk."""
@@ -229,15 +297,16 @@ class Pipeline:
             self._target_costs = target_costs_for(self.target, self.cost_key(self.target), remeasure)
             if self.progress:
                 costs = ", ".join(f"{n}: {s:.3f}" for n, s in sorted(self._target_costs.items()))
-                print(f"duospec: target pass seconds by tokens per pass: {costs}", file=sys.stderr)
+                print(f"duospec: target ({self.backend}) pass seconds by tokens per pass: {costs}", file=sys.stderr)
         return CostProfile(self._target_costs)
 
     def draft_step_seconds(self, remeasure: bool = False) -> float:
         """Seconds per draft step, measured once per machine and cached on disk."""
         if self._draft_step is None or remeasure:
-            self._draft_step = draft_step_for(self.draft, self.cost_key(self.draft), remeasure)
+            draft = self.draft
+            self._draft_step = draft_step_for(draft, self.cost_key(draft), remeasure)
             if self.progress:
-                print(f"duospec: draft step {self._draft_step:.3f} s", file=sys.stderr)
+                print(f"duospec: draft ({self.draft_backend}) step {self._draft_step:.3f} s", file=sys.stderr)
         return self._draft_step
 
     # -- prompts --------------------------------------------------------------------------------
@@ -252,7 +321,7 @@ class Pipeline:
         if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
             return self._encode_messages(prompt)
         if isinstance(prompt, list):
-            if not all(isinstance(t, int) and 0 <= t < self.target.vocab_size for t in prompt):
+            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.target.vocab_size for t in prompt):
                 raise DuospecError(f"a token-id prompt must be a list of ints in [0, {self.target.vocab_size})")
             return list(prompt)
         if not isinstance(prompt, str) or not prompt.strip():
@@ -324,51 +393,75 @@ def load(
     target: str | None = None,
     draft: str | None = None,
     *,
+    backend: str = "auto",
+    draft_backend: str | None = None,
     device: str | None = None,
     dtype: str = "bfloat16",
     threads: int | None = None,
+    draft_threads: int | None = None,
     draft_quantization: str = "auto",
+    context: int | None = None,
     attn_implementation: str = "sdpa",
     progress: bool = True,
 ) -> Pipeline:
     """Load a target model (default: the embedded Qwen2.5-Coder-1.5B-Instruct) and note the draft.
 
-    target/draft: an embedded model name, a local transformers directory or a hub id. The draft
-    (default: the embedded Qwen2.5-Coder-0.5B-Instruct when the target is the default) is loaded on
-    first use by a method that needs it. draft_quantization: "auto" stores the draft's weights as int8
-    on CPUs (a draft step reads half the bytes; exactness is untouched, only acceptance could move),
-    "int8" or "none".
+    target/draft: an embedded model name, a .gguf file, a local transformers directory or a hub id.
+    The draft (default: the embedded Qwen2.5-Coder-0.5B-Instruct when the target is the default) is
+    loaded on first use by a method that needs it. backend: "auto" (llama.cpp on CPUs where it is
+    installed and the model is GGUF, else transformers), "transformers" or "llama.cpp"; draft_backend
+    defaults to the same choice. threads/draft_threads: CPU threads of each model (default: all cores).
+    draft_quantization (transformers drafts only): "auto" stores the draft's weights as int8 on CPUs (a
+    draft step reads half the bytes; exactness is untouched, only acceptance could move), "int8" or "none".
+    context: llama.cpp KV cells per model (default 4096, capped by the model's trained context).
     """
-    from duospec.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET, resolve_checkpoint
+    from dataclasses import replace
+
+    from duospec.models.llamacpp import LlamaCppSettings
+    from duospec.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
-    quantization = resolve_draft_quantization(draft_quantization, torch_device, torch_dtype)
-    if threads is not None:
-        if threads < 1:
-            raise DuospecError(f"threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
+    for label, value in (("threads", threads), ("draft_threads", draft_threads), ("context", context)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise DuospecError(f"{label} must be a positive integer, got {value!r}")
     target_name = target or DEFAULT_TARGET
     if draft is None and target_name == DEFAULT_TARGET:
         draft = DEFAULT_DRAFT
-    model, tokenizer = load_hf(
-        resolve_checkpoint(target_name, progress=progress),
-        device=torch_device,
-        dtype=torch_dtype,
-        attn_implementation=attn_implementation,
-        name=target_name,
+    target_backend = resolve_backend(backend, target_name, torch_device)
+    llama = LlamaCppSettings() if context is None else LlamaCppSettings(context=context)
+    target_options = LoadOptions(
+        backend=target_backend, device=torch_device, dtype=torch_dtype, threads=threads, llama=llama, attn_implementation=attn_implementation
     )
+    draft_options = None
+    quantization = "none"
+    if draft is not None:
+        chosen = backend if draft_backend is None else draft_backend
+        resolved = resolve_backend(chosen, draft, torch_device)
+        if resolved == "transformers":
+            quantization = resolve_draft_quantization(draft_quantization, torch_device, torch_dtype)
+        elif draft_quantization not in DRAFT_QUANTIZATIONS:
+            raise DuospecError(f"unknown draft quantization {draft_quantization!r}; choose one of: {', '.join(DRAFT_QUANTIZATIONS)}")
+        draft_options = replace(target_options, backend=resolved, threads=draft_threads if draft_threads is not None else threads, quantization=quantization)
+    loaded = load_model(target_name, target_options, name=target_name, progress=progress)
+    if progress and backend == "auto":
+        draft_note = f", draft on {draft_options.backend}" if draft_options is not None else ""
+        print(f"duospec: target on {target_backend}{draft_note} (--backend auto)", file=sys.stderr)
     return Pipeline(
-        model,
-        tokenizer,
+        loaded.model,
+        loaded.tokenizer,
         draft_source=draft,
         draft_quantization=quantization,
         device=torch_device,
         dtype=torch_dtype,
-        threads=torch.get_num_threads(),
+        threads=threads if threads is not None else (loaded.model.threads if target_backend == "llama.cpp" else torch.get_num_threads()),
+        backend=target_backend,
+        draft_options=draft_options,
+        eos_ids=loaded.eos_ids,
+        cost_identity=loaded.cost_identity,
+        target_source=target_name,
         progress=progress,
     )
-
 
 
 def resolve_draft_quantization(choice: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -402,16 +495,3 @@ def check_same_vocabulary(target_tokenizer, draft_tokenizer, target_name: str, d
         f"({len(draft_vocab)} vs {len(target_vocab)} tokens; e.g. {differing}). "
         "Pick a draft from the target's model family (same vocabulary and ids)."
     )
-
-
-def _eos_ids(target: HFModel, tokenizer) -> frozenset[int]:
-    """Every id that ends generation: the generation config's EOS ids and the tokenizer's."""
-    ids: set[int] = set()
-    configured = getattr(getattr(target.model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured:
-        ids.update(configured)
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)

@@ -225,6 +225,8 @@ def measure_target_costs(model: Model, sizes: tuple[int, ...], context_tokens: i
 
 def measure_draft_step(model: Model, context_tokens: int = 256, repeats: int = 5) -> float:
     """Median seconds of one single-token draft step (last-position logits only)."""
+    if model.max_context is not None:  # the filler plus warm-up and measured steps must fit
+        context_tokens = max(1, min(context_tokens, model.max_context - repeats - 4))
     filler = torch.arange(context_tokens, device=model.device) % max(model.vocab_size - 1, 1)
     model.reset()
     model.forward(filler, last_only=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from duospec.config import DRAFT_QUANTIZATIONS, DuospecError
 from duospec.drafting import METHODS
+from duospec.models.loading import BACKENDS
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -23,7 +24,29 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
     group.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="weights and activations (default: bfloat16, faster than float32 on CPUs with bf16 support)")
     group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, usually the core count)")
-    group.add_argument("--draft-quant", default="auto", choices=DRAFT_QUANTIZATIONS, help="store the draft's weights as int8 (auto: on CPUs); halves a draft step's memory traffic, exactness unchanged")
+    group.add_argument("--draft-quant", default="auto", choices=DRAFT_QUANTIZATIONS, help="transformers drafts: store the weights as int8 (auto: on CPUs); halves a draft step's memory traffic, exactness unchanged")
+    group.add_argument("--backend", default="auto", choices=BACKENDS, help="engine for the target (and the draft unless --draft-backend): auto = llama.cpp on CPUs where llama-cpp-python is installed and the model is GGUF, else transformers")
+    group.add_argument("--draft-backend", default=None, choices=BACKENDS, help="engine for the draft (default: as --backend)")
+    group.add_argument("--draft-threads", type=int, default=None, help="CPU threads of the draft (default: as --threads)")
+    group.add_argument("--ctx-size", type=int, default=None, help="llama.cpp: KV cache cells per model (default 4096, capped by the model's trained context)")
+
+
+def load_pipeline(args: argparse.Namespace):
+    """duospec.load with the model and hardware flags of `add_model_arguments`."""
+    import duospec
+
+    return duospec.load(
+        args.target,
+        args.draft,
+        backend=args.backend,
+        draft_backend=args.draft_backend,
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        draft_threads=args.draft_threads,
+        draft_quantization=args.draft_quant,
+        context=args.ctx_size,
+    )
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -127,8 +150,6 @@ def decoding_options(args: argparse.Namespace) -> dict[str, object]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    import duospec
-
     prompts = read_prompts(args)
     options = dict(
         method=args.method,
@@ -138,7 +159,7 @@ def run_generate(args: argparse.Namespace) -> int:
         chat=False if args.no_chat else None,
     )
     _validate_early(options)
-    pipe = duospec.load(args.target, args.draft, device=args.device, dtype=args.dtype, threads=args.threads, draft_quantization=args.draft_quant)
+    pipe = load_pipeline(args)
     for prompt in prompts:
         stream = pipe.stream(prompt, **options)
         try:

@@ -10,6 +10,10 @@ import math
 from dataclasses import dataclass, field
 
 DRAFT_QUANTIZATIONS = ("auto", "int8", "none")  # how the draft's weights are stored (--draft-quant)
+# The smallest positive temperature: float32's smallest normal number. Logits are warped in float32, and a
+# smaller temperature would round to 0 there (or be flushed to 0 as a subnormal). Every temperature from
+# here up is numerically safe in `sampling.warp_probs`; 0 itself means greedy.
+MIN_TEMPERATURE = 1.1754943508222875e-38
 
 class DuospecError(Exception):
     """An error caused by input or environment, with a message that says what to change.
@@ -37,6 +41,11 @@ class SamplingConfig:
             )
         if math.isinf(self.temperature):
             raise DuospecError("temperature must be finite; pass e.g. --temperature 0.7")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise DuospecError(
+                f"temperature {self.temperature!r} is too small to compute with (the smallest positive temperature "
+                f"is {MIN_TEMPERATURE:.4g}); use 0 for greedy decoding, which is what such a temperature amounts to"
+            )
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise DuospecError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):

@@ -24,7 +24,14 @@ def warp_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     logits = logits.float()
     if sampling.is_greedy:
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    logits = logits / sampling.temperature
+    # Subtract each row's max before dividing: softmax((x - max x) / T) is the same law as softmax(x / T)
+    # (softmax ignores a per-row shift, and torch's softmax shifts by the max internally anyway), but the
+    # shifted logits are <= 0 with the max exactly 0, so a tiny T can only send the others to -inf
+    # (probability 0) and never to +inf, where softmax would give NaN (inf - inf). At T -> 0 this is the
+    # exact limit: the argmax (ties share the mass equally), and the same function warps target and draft.
+    # SamplingConfig refuses temperatures float32 cannot hold (below MIN_TEMPERATURE), where T would
+    # round to 0 and 0 / 0 would be NaN.
+    logits = (logits - logits.amax(-1, keepdim=True)) / sampling.temperature
     vocab = logits.shape[-1]
     if 0 < sampling.top_k < vocab:
         # The k-th largest value is the cut; ties at the cut are kept, as in transformers' TopKLogitsWarper.

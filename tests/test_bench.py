@@ -14,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ from duospec.cli import main
 from duospec.config import DuospecError
 from duospec.drafting import METHODS, MethodSpec
 
-ALL_METHODS = ("ar", "sd", "pld", "hf-assisted", "hf-pld")
+ALL_METHODS = ("ar", "sd", "pld", "hf-ar", "hf-assisted", "hf-pld")
 MAX_NEW_TOKENS = 12
 
 
@@ -111,20 +110,19 @@ def test_report_figures_are_recomputed_from_results(full_run):
         for task in [*tasks, "overall"]:
             group = [r for r in mine if task == "overall" or r["task"] == task]
             got = summary["results"][method][task]
-            speedup = sum(reference[(r["question_id"], r["turn"])]["seconds"] for r in group) / sum(r["seconds"] for r in group)
+            bases = [reference[(r["question_id"], r["turn"])] for r in group]
+            base_rate = sum(b["new_tokens"] for b in bases) / sum(b["seconds"] for b in bases)
+            speedup = (sum(r["new_tokens"] for r in group) / sum(r["seconds"] for r in group)) / base_rate
             assert got["speedup"] == pytest.approx(speedup)
             assert got["tokens_per_second"] == pytest.approx(sum(r["new_tokens"] for r in group) / sum(r["seconds"] for r in group))
             assert got["mean_accepted"] == pytest.approx(sum(r["new_tokens"] for r in group) / sum(r["target_passes"] for r in group))
             drafted = sum(r["drafted_tokens"] for r in group)
             assert got["acceptance_rate"] == (pytest.approx(sum(r["accepted_tokens"] for r in group) / drafted) if drafted else None)
             assert got["ttft_median"] == pytest.approx(statistics.median(r["ttft_seconds"] for r in group))
-            per_question = defaultdict(lambda: [0.0, 0.0])
-            for r in group:
-                per_question[r["question_id"]][0] += reference[(r["question_id"], r["turn"])]["seconds"]
-                per_question[r["question_id"]][1] += r["seconds"]
-            ratios = [a / b for a, b in per_question.values()]
+            ratios = [(r["new_tokens"] / r["seconds"]) / (b["new_tokens"] / b["seconds"]) for r, b in zip(group, bases)]
             assert got["speedup_median"] == pytest.approx(statistics.median(ratios))
             assert got["speedup_p10"] == pytest.approx(float(np.percentile(ratios, 10)))
+            assert got["speedup_p90"] == pytest.approx(float(np.percentile(ratios, 90)))
             if method != "ar":
                 statuses = [r["greedy"]["status"] for r in group]
                 assert got["greedy"]["match"] == statuses.count("match")
@@ -256,7 +254,10 @@ def test_unknown_method_and_a_draft_method_without_a_draft_are_refused():
         resolve_methods(["sd", "nope"], has_draft=True)
     with pytest.raises(DuospecError, match=r"method sd, hf-assisted needs a draft model"):
         resolve_methods(["sd", "hf-assisted"], has_draft=False)
-    assert resolve_methods(None, has_draft=False) == ["ar", "pld", "hf-pld"]  # not an error: left out
+    assert resolve_methods(None, has_draft=False) == ["ar", "pld", "hf-ar", "hf-pld"]  # not an error: left out
+    assert "llama-ar" not in resolve_methods(None, has_draft=True)  # no GGUF target: left out, not an error
+    with pytest.raises(DuospecError, match="GGUF"):
+        resolve_methods(["llama-pld"], has_draft=True, has_gguf=False)
     assert resolve_methods(["pld"], has_draft=False) == ["ar", "pld"]  # the baseline is always measured
 
 
@@ -369,7 +370,7 @@ def test_greedy_verdicts_match_near_tie_mismatch_and_a_later_turn_inherits(pipe,
     verdict = runner._greedy_check(pipe, prompt, reference, wrong, [])
     assert verdict["status"] == "mismatch" and verdict["position"] == 2
     assert verdict["margin"] == pytest.approx(float(logits.max() - logits.min()), rel=1e-4)
-    monkeypatch.setattr(runner, "near_tie_tolerance", lambda dtype: verdict["margin"] + 1.0)
+    monkeypatch.setattr(runner, "near_tie_tolerance", lambda dtype, backend="transformers": verdict["margin"] + 1.0)
     assert runner._greedy_check(pipe, prompt, reference, wrong, [])["status"] == "near_tie"
     first_turn = {"turn": 1, "greedy": verdict}
     inherited = runner._greedy_check(pipe, [9, 9], [5], [5], [first_turn])
@@ -385,3 +386,74 @@ def test_report_counts_near_ties_and_mismatches_from_the_records(full_run, tmp_p
     sd[1]["greedy"] = {**sd[1]["greedy"], "status": "mismatch"}
     overall = summarize(records)["results"]["sd"]["overall"]["greedy"]
     assert (overall["match"], overall["near_tie"], overall["mismatch"]) == (len(sd) - 2, 1, 1)
+
+
+# -- speedup is a ratio of token rates -----------------------------------------------------------
+def _answer_record(question_id, method: str, new_tokens: int, seconds: float, turn: int = 1, task: str = "qa") -> dict:
+    """A results.jsonl record as runner._answer writes it (the fields are checked against a real one
+    below), for figures that a tiny-model run cannot produce on demand: answers of chosen lengths and times."""
+    return {
+        "config_key": "synthetic",
+        "question_id": question_id,
+        "turn": turn,
+        "category": TASK_CATEGORIES[task],
+        "task": task,
+        "method": method,
+        "prompt_tokens": 10,
+        "new_tokens": new_tokens,
+        "seconds": seconds,
+        "ttft_seconds": seconds / new_tokens,
+        "target_passes": new_tokens,
+        "drafted_tokens": 0,
+        "accepted_tokens": 0,
+        "tokens_per_pass": [1] * new_tokens,
+        "time_breakdown": {"prefill": 0.0, "draft": 0.0, "target": seconds, "verify": 0.0},
+        "finish_reason": "eos",
+        "greedy": None,
+        "token_ids": list(range(new_tokens)),
+        "text": "x" * new_tokens,
+    }
+
+
+def test_synthetic_records_have_the_fields_of_real_ones(full_run):
+    real = _records(full_run)[0]
+    assert set(_answer_record(1, "ar", 3, 1.0)) == set(real)
+    assert set(_answer_record(1, "ar", 3, 1.0)["time_breakdown"]) == set(real["time_breakdown"])
+
+
+def test_speedup_divides_token_rates_when_answers_differ_in_length():
+    """ar stops after 3 tokens in 1 s; sd writes 120 tokens in 7.5 s: sd runs at 16 tokens/s against ar's
+    3, a speedup of 5.33x. The ratio of seconds (1 / 7.5 = 0.13x) would call the faster method slower."""
+    from duospec.bench.report import speedup_table, summarize
+    from duospec.bench.runner import _RunningSpeedup
+
+    records = [_answer_record(1, "ar", 3, 1.0), _answer_record(1, "sd", 120, 7.5)]
+    summary = summarize(records)
+    for group in ("qa", "overall"):
+        got = summary["results"]["sd"][group]
+        assert got["speedup"] == pytest.approx(16 / 3)
+        assert got["speedup_median"] == got["speedup_p10"] == got["speedup_p90"] == pytest.approx(16 / 3)
+        assert summary["results"]["ar"][group]["speedup"] == pytest.approx(1.0)
+    assert "| sd | 5.33x | 1.00 | 5.33x |" in speedup_table(summary)
+    assert _RunningSpeedup(records).text() == "sd 5.33x"  # the progress bar's figure
+
+
+def test_aggregate_speedup_is_total_tokens_over_total_seconds_on_the_paired_answers_only():
+    from duospec.bench.report import summarize
+    from duospec.bench.runner import _RunningSpeedup
+
+    records = [
+        _answer_record(1, "ar", 3, 1.0),
+        _answer_record(1, "sd", 120, 7.5),  # 5.33x on its own
+        _answer_record(2, "ar", 100, 10.0),
+        _answer_record(2, "sd", 100, 5.0),  # 2x on its own
+        _answer_record(3, "sd", 50, 100.0),  # ar has no answer to pair it with: left out of every speedup
+    ]
+    got = summarize(records)["results"]["sd"]["overall"]
+    rate, base_rate = (120 + 100) / (7.5 + 5.0), (3 + 100) / (1.0 + 10.0)
+    assert got["speedup"] == pytest.approx(rate / base_rate)  # 1.88x: tokens and seconds summed, then divided
+    assert got["speedup_median"] == pytest.approx((16 / 3 + 2) / 2)  # per-answer ratios 5.33 and 2
+    assert got["speedup_p10"] == pytest.approx(float(np.percentile([16 / 3, 2.0], 10)))
+    assert got["speedup_p90"] == pytest.approx(float(np.percentile([16 / 3, 2.0], 90)))
+    assert got["tokens_per_second"] == pytest.approx(270 / 112.5)  # every answer of the method, paired or not
+    assert _RunningSpeedup(records).text() == f"sd {rate / base_rate:.2f}x"

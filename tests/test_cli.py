@@ -192,3 +192,21 @@ def test_a_draft_with_another_vocabulary_is_refused_by_every_path(checkpoints, c
     pipe = duospec.load(str(target), str(other), dtype="float32", draft_quantization="int8")
     with pytest.raises(DuospecError, match="do not share a tokenizer"):
         pipe.plain_draft_model()
+
+
+def test_backend_llama_cpp_without_llama_cpp_python_is_a_clear_error(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # what an environment without the package gives
+    code, _, err = run_cli(["generate", "w1", "--backend", "llama.cpp"], capsys)
+    assert code == 2 and "needs llama-cpp-python" in err and "pip install" in err and "Traceback" not in err
+
+
+def test_plain_generate_prints_no_warnings(checkpoints, capsys):
+    """transformers 5.24 deprecated `past_key_values`; its FutureWarning must not reach users (nor any other)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, err = run_cli(["generate", "w1 w2", "--method", "sd", "--max-new-tokens", "6", "--backend", "transformers", *model_flags(checkpoints)], capsys)
+    assert code == 0
+    assert not [str(w.message) for w in caught], [str(w.message) for w in caught]
+    assert "warn" not in err.lower(), err

@@ -1,9 +1,10 @@
 """The transformers library's own speculative generation, run as baselines on the same loaded models.
 
-A user who does not pick duospec would call `model.generate(..., assistant_model=draft)` (assisted
-generation) or `model.generate(..., prompt_lookup_num_tokens=10)` (prompt lookup decoding). We run
-exactly that, with the library's defaults for everything we do not have to fix, on the same target
-object, checkpoints, dtype and threads our methods use, and measure it the same way. The assistant is
+A user who does not pick duospec would call `model.generate(...)` (plain generation, "hf-ar"),
+`model.generate(..., assistant_model=draft)` (assisted generation) or `model.generate(..., prompt_lookup_num_tokens=10)` (prompt lookup decoding). We run
+exactly that, with the library's defaults for everything we do not have to fix, on the same
+checkpoints, dtype and threads our methods use (the same target object where the pipeline runs the
+target on transformers; a transformers copy of it where the pipeline runs llama.cpp), and measure it the same way. The assistant is
 the draft as transformers loads it: where duospec stores its own draft's weights as int8 (a duospec
 optimisation), the baseline gets a plain copy in the requested dtype.
 
@@ -84,13 +85,18 @@ class _PassRecorder:
 
 
 def _generate_hf(name: str, pipe: "Pipeline", prompt_ids: list[int], settings: DecodeSettings) -> "GenerationResult":
-    """One answer from transformers' `generate` in assisted ("hf-assisted") or prompt-lookup mode."""
+    """One answer from transformers' `generate`: plain ("hf-ar"), assisted ("hf-assisted") or prompt lookup ("hf-pld")."""
     from duospec.api import GenerationResult
 
-    model = pipe.target.model
+    model = pipe.transformers_target()
     # The draft as transformers loads it: duospec's int8 draft weights are duospec's, not the library's.
     assistant = pipe.plain_draft_model() if name == "hf-assisted" else None
-    mode = {"assistant_model": assistant} if assistant is not None else {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS}
+    if assistant is not None:
+        mode = {"assistant_model": assistant}
+    elif name == "hf-pld":
+        mode = {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS}
+    else:
+        mode = {}  # hf-ar: the library's plain greedy / sampling loop
     input_ids = torch.tensor([prompt_ids], device=pipe.device)
     stats = GenerationStats(method=name, prompt_tokens=len(prompt_ids), gamma_auto=False)
     recorder = _PassRecorder(stats)
@@ -144,6 +150,7 @@ def _baseline(name: str, summary: str, needs_draft_model: bool) -> BenchMethod:
 BASELINES: dict[str, BenchMethod] = {
     method.name: method
     for method in (
+        _baseline("hf-ar", "transformers' own plain generation of the target (model.generate, no assistance)", False),
         _baseline("hf-assisted", "transformers assisted generation (assistant_model = the draft), library defaults", True),
         _baseline("hf-pld", f"transformers prompt lookup decoding (prompt_lookup_num_tokens={PROMPT_LOOKUP_TOKENS})", False),
     )

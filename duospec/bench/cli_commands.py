@@ -67,16 +67,11 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    import torch
-
-    import duospec
-    from duospec.api import draft_label, resolve_draft_quantization
     from duospec.bench.data import available_tasks, load_questions, select_questions
     from duospec.bench.methods import resolve_methods
     from duospec.bench.report import collect_meta, speedup_table, write_report
-    from duospec.bench.runner import BenchSettings, check_out_dir, pipeline_flags, result_flags, run_bench
-    from duospec.cli import EXIT_INTERRUPTED, decoding_options
-    from duospec.models.hf import resolve_device, resolve_dtype
+    from duospec.bench.runner import BenchSettings, check_out_dir, pipeline_flags, run_bench
+    from duospec.cli import EXIT_INTERRUPTED, decoding_options, load_pipeline
     from duospec.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 
     settings = BenchSettings(
@@ -93,17 +88,17 @@ def run_bench_command(args: argparse.Namespace) -> int:
     select_questions(questions, tasks, settings.limit)
     target = args.target or DEFAULT_TARGET
     draft = args.draft if args.draft is not None else (DEFAULT_DRAFT if target == DEFAULT_TARGET else None)
-    methods = resolve_methods(list(settings.methods) if settings.methods else None, draft is not None)
+    from duospec.models.loading import has_gguf
+
+    methods = resolve_methods(list(settings.methods) if settings.methods else None, draft is not None, has_gguf(target))
     out = args.out or Path("bench-results") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    threads = args.threads or torch.get_num_threads()
-    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
-    labelled_draft = draft_label(draft, resolve_draft_quantization(args.draft_quant, device, dtype))
-    check_out_dir(out, result_flags(target, labelled_draft, str(dtype), str(device), threads, settings))
 
     _quiet_transformers()
     command = bench_command(args, methods, tasks, settings.limit, out)
+    check_out_dir(out, _planned_flags(args, target, draft, settings))  # before any model is loaded
     try:
-        pipe = duospec.load(args.target, args.draft, device=args.device, dtype=args.dtype, threads=args.threads, draft_quantization=args.draft_quant)
+        pipe = load_pipeline(args)
+        check_out_dir(out, pipeline_flags(pipe, settings))
         print(f"duospec: writing to {out}", file=sys.stderr)
         records = run_bench(pipe, settings, out)
     except KeyboardInterrupt:
@@ -120,6 +115,29 @@ def run_bench_command(args: argparse.Namespace) -> int:
         print(f"the full run ({full_limit} questions per task; about {estimate} on this machine):")
         print(f"  {bench_command(args, methods, tasks, full_limit, full_out)}")
     return 0
+
+
+def _planned_flags(args: argparse.Namespace, target: str, draft: str | None, settings) -> dict:
+    """The result flags the loaded pipeline will have (see runner.pipeline_flags), computed without loading."""
+    import torch
+
+    from duospec.api import draft_label, resolve_draft_quantization
+    from duospec.bench.runner import result_flags
+    from duospec.models.hf import resolve_device, resolve_dtype
+    from duospec.models.loading import default_threads, resolve_backend
+
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    backend = resolve_backend(args.backend, target, device)
+    label = None
+    if draft is not None:
+        draft_backend = resolve_backend(args.draft_backend or args.backend, draft, device)
+        quantization = resolve_draft_quantization(args.draft_quant, device, dtype) if draft_backend == "transformers" else "none"
+        label = draft_label(draft, quantization) + ("" if draft_backend == "transformers" else f"@{draft_backend}")
+    threads = args.threads or (default_threads() if backend == "llama.cpp" else torch.get_num_threads())
+    flags = result_flags(target, label, str(dtype), str(device), threads, settings)
+    if backend != "transformers":
+        flags["backend"] = backend
+    return flags
 
 
 def bench_command(args: argparse.Namespace, methods: list[str], tasks: list[str], limit: int, out: Path) -> str:
@@ -139,9 +157,11 @@ def bench_command(args: argparse.Namespace, methods: list[str], tasks: list[str]
 def _model_words(args: argparse.Namespace) -> list[str]:
     """The model and hardware flags given (defaults left out)."""
     words = []
-    for flag in ("target", "draft", "device", "threads"):
+    for flag in ("target", "draft", "device", "threads", "draft_backend", "draft_threads", "ctx_size"):
         if getattr(args, flag) is not None:
-            words += [f"--{flag}", str(getattr(args, flag))]
+            words += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if args.backend != "auto":
+        words += ["--backend", args.backend]
     if args.dtype != "bfloat16":
         words += ["--dtype", args.dtype]
     if args.draft_quant != "auto":
@@ -161,17 +181,17 @@ def _full_run_estimate(records: list[dict], questions: list, tasks: list[str]) -
 
 
 def run_profile_command(args: argparse.Namespace) -> int:
-    import duospec
     from duospec.bench.profile import format_table, run_profile, write_profile
     from duospec.bench.report import collect_meta
     from duospec.bench.runner import draft_name
     from duospec.budget import profiles_dir
+    from duospec.cli import load_pipeline
     from duospec.config import DuospecError
 
     if args.context < 1 or args.repeats < 1:
         raise DuospecError("--context and --repeats must be at least 1")
     out = args.out or Path("bench-results") / datetime.datetime.now().strftime("profile-%Y%m%d-%H%M%S")
-    pipe = duospec.load(args.target, args.draft, device=args.device, dtype=args.dtype, threads=args.threads, draft_quantization=args.draft_quant)
+    pipe = load_pipeline(args)
     with_draft = not args.no_draft and draft_name(pipe) is not None
     profile = run_profile(pipe, args.sizes, context_tokens=args.context, repeats=args.repeats, with_draft=with_draft)
     print(format_table(profile))

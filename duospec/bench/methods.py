@@ -42,23 +42,32 @@ class BenchMethod:
 def bench_methods() -> dict[str, BenchMethod]:
     """Our registered methods, then the transformers baselines (names are unique across both)."""
     from duospec.bench.baselines import BASELINES  # baselines build on the types above
+    from duospec.bench.llama_baselines import LLAMA_BASELINES
     from duospec.drafting import METHODS
 
     ours = {
         name: BenchMethod(name, spec.summary, spec.needs_draft_model, partial(_generate_ours, name))
         for name, spec in METHODS.items()
     }
-    return {**ours, **BASELINES}
+    return {**ours, **BASELINES, **LLAMA_BASELINES}
 
 
-def resolve_methods(names: list[str] | None, has_draft: bool) -> list[str]:
+def resolve_methods(names: list[str] | None, has_draft: bool, has_gguf: bool = False) -> list[str]:
     """The methods to run, `ar` first (the speedup baseline is always measured).
 
-    names=None means all of them, leaving out those that need a draft model when none is given.
+    names=None means all of them, leaving out those that need a draft model when none is given and
+    the llama.cpp baselines unless the target is a GGUF model and llama-cpp-python is installed.
     """
+    from duospec.bench.llama_baselines import LLAMA_BASELINES
+    from duospec.models.llamacpp import llama_cpp_available
+
     available = bench_methods()
     if names is None:
-        chosen = [name for name, method in available.items() if has_draft or not method.needs_draft_model]
+        chosen = [
+            name
+            for name, method in available.items()
+            if (has_draft or not method.needs_draft_model) and (name not in LLAMA_BASELINES or (has_gguf and llama_cpp_available()))
+        ]
     else:
         unknown = [name for name in names if name not in available]
         if unknown:
@@ -71,6 +80,9 @@ def resolve_methods(names: list[str] | None, has_draft: bool) -> list[str]:
             raise DuospecError(
                 f"method {', '.join(needing)} needs a draft model; pass --draft, or leave it out of --methods"
             )
+        llama = [name for name in chosen if name in LLAMA_BASELINES]
+        if llama and not has_gguf:
+            raise DuospecError(f"{', '.join(llama)} need the target as a GGUF model (an embedded name or a .gguf file)")
     return [BASELINE_METHOD, *(name for name in chosen if name != BASELINE_METHOD)]
 
 

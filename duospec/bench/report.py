@@ -4,9 +4,12 @@ Everything here is computed from the records alone (no models, no clock), so a t
 any figure from the same file, and a report can be rebuilt after the fact with `write_report`.
 
 Definitions (per method, per task and overall):
-- speedup: total wall-clock seconds of `ar` divided by the method's, over the answers both have. A
-  ratio of sums weights long answers as their time does. The per-question ratios give the median and
-  the spread (10th and 90th percentiles).
+- speedup: a ratio of token rates, as Spec-Bench computes it: (the method's new tokens / its seconds)
+  divided by (ar's new tokens / ar's seconds), each rate taken as total tokens over total wall-clock
+  seconds of the answers both have. Rates, not seconds: two answers to one prompt may differ in length
+  (every sampled run; greedy near-ties), and a method that writes 120 tokens at 4x ar's rate where ar
+  stopped after 3 is 4x faster, not 0.1x. Each answer's own rate ratio gives the median and the spread
+  (10th and 90th percentiles) across answers.
 - tokens/s: new tokens / seconds. Accepted tokens per target pass: new tokens / target passes (the
   prompt pass included, so `ar` has exactly 1). Acceptance rate: accepted / drafted tokens.
 - time to first token (TTFT): median and spread over answers.
@@ -20,7 +23,7 @@ import datetime
 import json
 import os
 import platform
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -57,12 +60,7 @@ def _metrics(records: list[dict], reference: dict) -> dict:
     drafted = sum(r["drafted_tokens"] for r in records)
     accepted = sum(r["accepted_tokens"] for r in records)
     pairs = [(reference[(r["question_id"], r["turn"])], r) for r in records if (r["question_id"], r["turn"]) in reference]
-    per_question: dict[object, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for base, record in pairs:
-        per_question[record["question_id"]][0] += base["seconds"]
-        per_question[record["question_id"]][1] += record["seconds"]
-    ratios = [base / spent for base, spent in per_question.values() if spent > 0]
-    paired_spent = sum(record["seconds"] for _, record in pairs)
+    ratios = [ratio for base, record in pairs if (ratio := speedup_of([base], [record])) is not None]
     ttfts = [r["ttft_seconds"] for r in records if r["ttft_seconds"] is not None]
     phase_seconds = _phase_seconds(records)
     return {
@@ -70,7 +68,7 @@ def _metrics(records: list[dict], reference: dict) -> dict:
         "questions": len({r["question_id"] for r in records}),
         "new_tokens": new_tokens,
         "seconds": seconds,
-        "speedup": sum(base["seconds"] for base, _ in pairs) / paired_spent if paired_spent > 0 else None,
+        "speedup": speedup_of([base for base, _ in pairs], [record for _, record in pairs]),
         "speedup_median": _percentile(ratios, 50),
         "speedup_p10": _percentile(ratios, 10),
         "speedup_p90": _percentile(ratios, 90),
@@ -84,6 +82,27 @@ def _metrics(records: list[dict], reference: dict) -> dict:
         # Mean seconds per target pass ("round"); the prompt pass counts as target time.
         "seconds_per_pass": {phase: value / passes for phase, value in phase_seconds.items()} if passes else None,
     }
+
+
+def speedup_of(base: list[dict], mine: list[dict]) -> float | None:
+    """The method's token rate over the baseline's: (sum of mine's new tokens / sum of its seconds) /
+    (the same for base). base and mine are the two methods' answers to the same prompts, pair by pair.
+    None when a rate is undefined (no seconds, or the baseline wrote nothing).
+
+    speedup_of([ar answer: 3 tokens in 1 s], [sd answer: 120 tokens in 7.5 s]) == 16 / 3 == 5.33
+    (the ratio of seconds, 1 / 7.5 = 0.13, would call the faster method slower).
+    """
+    return rate_ratio(
+        sum(r["new_tokens"] for r in base), sum(r["seconds"] for r in base),
+        sum(r["new_tokens"] for r in mine), sum(r["seconds"] for r in mine),
+    )
+
+
+def rate_ratio(base_tokens: float, base_seconds: float, tokens: float, seconds: float) -> float | None:
+    """(tokens / seconds) / (base_tokens / base_seconds), or None when either rate is undefined or zero."""
+    if seconds <= 0 or base_seconds <= 0 or base_tokens <= 0:
+        return None
+    return (tokens / seconds) / (base_tokens / base_seconds)
 
 
 def _phase_seconds(records: list[dict]) -> dict[str, float]:
@@ -179,7 +198,7 @@ def speedup_table(summary: dict) -> str:
 def render_markdown(summary: dict, meta: dict) -> str:
     flags, run, machine, versions = meta["flags"], meta["run"], meta["machine"], meta["versions"]
     results = summary["results"]
-    detail_header = ["Method", "Speedup", "Per-question speedup, median [p10, p90]", "Tokens/s", "Accepted tokens per target pass", "Acceptance rate", "TTFT, median [p10, p90]", "Greedy match"]
+    detail_header = ["Method", "Speedup", "Per-answer speedup, median [p10, p90]", "Tokens/s", "Accepted tokens per target pass", "Acceptance rate", "TTFT, median [p10, p90]", "Greedy match"]
     detail_rows = [_detail_row(method, results[method][OVERALL]) for method in summary["methods"]]
     task_header = ["Method", "Task", "Answers", "Speedup", "Tokens/s", "Accepted/pass", "Acceptance rate", "TTFT median", "Greedy match"]
     task_rows = [
@@ -227,12 +246,15 @@ def render_markdown(summary: dict, meta: dict) -> str:
         "",
         "## How to read this",
         "",
-        f"- Speedup: total wall-clock seconds of {summary['baseline']} divided by the method's, over the same answers, "
-        "measured in the same process with methods interleaved per question; each method warmed up once before timing. "
-        "(Spec-Bench divides mean tokens/s; on identical greedy answers the two agree.)",
+        f"- Speedup: the method's token rate divided by {summary['baseline']}'s, as in Spec-Bench; each rate is total new "
+        "tokens over total wall-clock seconds of the answers both methods have, measured in the same process with methods "
+        "interleaved per question, each method warmed up once before timing. Rates rather than seconds, because two "
+        "answers to one prompt may differ in length (sampling, greedy near-ties). The per-answer spread is the median, "
+        "10th and 90th percentile of each answer's own rate ratio.",
         "- Accepted tokens per target pass counts every token a pass emits, the prompt pass included, so ar is 1.00.",
-        "- Greedy match: answers whose token ids equal ar's. A differing answer counts as a near-tie when the target's "
-        f"logits of the two competing tokens differ by at most {tolerance if tolerance is not None else '-'}"
+        "- Greedy match: answers whose token ids equal ar's. A differing answer counts as a near-tie when the target, "
+        "re-scoring the first differing position in the run's dtype (one pass over the prompt and the common prefix), "
+        f"gives the two competing tokens logits that differ by at most {tolerance if tolerance is not None else '-'}"
         " (rounding of a multi-token pass in low precision); a mismatch beyond that would be a bug. A later turn after a "
         "differing one has a different prompt and keeps the earlier turn's verdict.",
         "- Time per round: for hf-assisted, draft = the assistant model's forward passes; for both hf baselines the "
@@ -309,7 +331,7 @@ def _plot_speedup(path: Path, summary: dict, colors: dict[str, str]) -> Path:
         axes.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
     axes.axhline(1.0, color="black", linestyle="--", linewidth=1, label=f"{summary['baseline']} = 1")
     axes.set_xticks(range(len(groups)), [TASK_TITLES.get(g, g.capitalize()).replace(" ", "\n", 1) for g in groups], fontsize=8)
-    axes.set_ylabel(f"speedup over {summary['baseline']} (wall clock)")
+    axes.set_ylabel(f"speedup over {summary['baseline']} (ratio of tokens/s)")
     axes.set_title("Speedup per task")
     figure.legend(fontsize=8, ncols=min(len(methods) + 1, 6), loc="outside lower center")
     axes.set_ylim(0, max([1.2, *(summary["results"][m][g]["speedup"] or 0.0 for m in methods for g in groups)]) * 1.2)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from duospec.bench.data import Question, available_tasks, file_sha256, load_questions, packaged_questions_path, select_questions
 from duospec.bench.methods import BASELINE_METHOD, DecodeSettings, bench_methods, resolve_methods
+from duospec.bench.report import rate_ratio
 from duospec.bench.ties import divergence, near_tie_tolerance
 from duospec.config import DuospecError, SamplingConfig
 
@@ -87,7 +88,11 @@ def result_flags(target: str, draft: str | None, dtype: str, device: str, thread
 
 
 def pipeline_flags(pipe: "Pipeline", settings: BenchSettings) -> dict:
-    return result_flags(pipe.target.name, draft_name(pipe), str(pipe.dtype), str(pipe.device), pipe.threads, settings)
+    flags = result_flags(pipe.target.name, draft_name(pipe), str(pipe.dtype), str(pipe.device), pipe.threads, settings)
+    backend = getattr(pipe, "backend", "transformers")
+    if backend != "transformers":  # runs from before the llama.cpp backend keep their flags (and can resume)
+        flags["backend"] = backend
+    return flags
 
 
 def draft_name(pipe: "Pipeline") -> str | None:
@@ -233,7 +238,7 @@ def run_bench(
     questions = load_questions(settings.questions_path)
     tasks = list(settings.tasks) if settings.tasks else available_tasks(questions)
     selected = select_questions(questions, tasks, settings.limit)
-    methods = resolve_methods(list(settings.methods) if settings.methods else None, draft_name(pipe) is not None)
+    methods = resolve_methods(list(settings.methods) if settings.methods else None, draft_name(pipe) is not None, pipe.has_gguf())
     store = ResultsStore(out, pipeline_flags(pipe, settings))
     registry = bench_methods()
 
@@ -314,7 +319,7 @@ def _answer(pipe: "Pipeline", generate, question: Question, method: str, turn: i
 def _greedy_check(pipe: "Pipeline", prompt_ids: list[int], reference_ids: list[int], token_ids: list[int], earlier: list[dict]) -> dict:
     """match / near_tie / mismatch against ar's answer. A later turn after a differing earlier one
     has a different prompt, so it inherits the earlier turn's verdict instead of being compared."""
-    tolerance = near_tie_tolerance(pipe.dtype)
+    tolerance = near_tie_tolerance(pipe.dtype, getattr(pipe, "backend", "transformers"))
     for record in earlier:
         if record["greedy"] and record["greedy"]["status"] != "match":
             return {"status": record["greedy"]["status"], "position": None, "margin": None, "tolerance": tolerance, "after_turn": record["turn"]}
@@ -325,10 +330,11 @@ def _greedy_check(pipe: "Pipeline", prompt_ids: list[int], reference_ids: list[i
 
 
 class _RunningSpeedup:
-    """ar seconds / method seconds over the answers both have so far, per method (the progress bar's figure)."""
+    """The progress bar's figure, per method: its token rate over ar's (total new tokens / total seconds),
+    over the answers both have so far; the report's overall speedup, computed the same way."""
 
     def __init__(self, records: list[dict]) -> None:
-        self.totals: dict[str, list[float]] = {}
+        self.totals: dict[str, list[float]] = {}  # method -> [ar tokens, ar seconds, its tokens, its seconds]
         by_key = {answer_key(record): record for record in records}
         for record in records:
             self._add_pair(record, by_key.get((record["question_id"], record["turn"], BASELINE_METHOD)))
@@ -340,12 +346,15 @@ class _RunningSpeedup:
     def _add_pair(self, record: dict | None, reference: dict | None) -> None:
         if record is None or reference is None or record["method"] == BASELINE_METHOD:
             return
-        totals = self.totals.setdefault(record["method"], [0.0, 0.0])
-        totals[0] += reference["seconds"]
-        totals[1] += record["seconds"]
+        totals = self.totals.setdefault(record["method"], [0.0, 0.0, 0.0, 0.0])
+        totals[0] += reference["new_tokens"]
+        totals[1] += reference["seconds"]
+        totals[2] += record["new_tokens"]
+        totals[3] += record["seconds"]
 
     def text(self) -> str:
-        return " ".join(f"{method} {ar / spent:.2f}x" for method, (ar, spent) in self.totals.items() if spent > 0)
+        ratios = {method: rate_ratio(*totals) for method, totals in self.totals.items()}
+        return " ".join(f"{method} {ratio:.2f}x" for method, ratio in ratios.items() if ratio is not None)
 
 
 def _say(enabled: bool, message: str) -> None:

@@ -32,6 +32,17 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return generator
 
 
+def generator_for_drafter(drafter: Drafter | None, target_generator: torch.Generator, seed: int | None) -> torch.Generator:
+    """The generator a drafter samples with: the target's where both share a device (so seeded runs
+    repeat as before), else one of the draft's own device seeded from the request (a CPU draft
+    beside a CUDA target cannot draw from a CUDA generator)."""
+    device = getattr(getattr(drafter, "model", None), "device", None)
+    if device is None or torch.device(device).type == target_generator.device.type:
+        return target_generator
+    derived = None if seed is None else (seed * 0x9E3779B97F4A7C15 + 1) % (2**63)  # a distinct, fixed stream
+    return make_generator(derived, torch.device(device))
+
+
 def generate_tokens(
     target: Model,
     drafter: Drafter | None,
@@ -47,6 +58,7 @@ def generate_tokens(
     """
     sampling = request.sampling
     generator = make_generator(sampling.seed, target.device)
+    draft_generator = generator_for_drafter(drafter, generator, sampling.seed)
     max_context = target.max_context or (len(prompt_ids) + request.max_new_tokens + 1)
     target.reset()
     if drafter is not None:
@@ -86,7 +98,7 @@ def generate_tokens(
         start = time.perf_counter()
         proposed = drafter is not None and budget is not None and budget.max_tokens > 0
         if proposed:
-            tree = drafter.propose(context, budget, sampling, generator).to(target.device)
+            tree = drafter.propose(context, budget, sampling, draft_generator).to(target.device)
         else:
             tree = TokenTree.chain(torch.tensor([context[-1]], device=target.device))
         stats.draft_seconds += time.perf_counter() - start

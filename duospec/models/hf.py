@@ -8,7 +8,9 @@ index-select of each cache layer's keys and values along the sequence dimension.
 
 from __future__ import annotations
 
+import inspect
 import os
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -34,6 +36,7 @@ class HFModel:
         self.cache = new_cache(model.config, name)
         self._cache_len = 0
         self._last_start = 0  # cache length before the last forward: the base `keep` indexes from
+        self._cache_kwarg = cache_kwarg_name(model)
 
     @property
     def cache_len(self) -> int:
@@ -65,7 +68,7 @@ class HFModel:
             input_ids=tokens.to(self.device)[None],
             position_ids=positions.to(self.device)[None],
             attention_mask=attention_mask,
-            past_key_values=self.cache,
+            **{self._cache_kwarg: self.cache},
             use_cache=True,
             logits_to_keep=1 if last_only else 0,
         )
@@ -76,6 +79,8 @@ class HFModel:
     @torch.inference_mode()  # the cache tensors are inference tensors: in-place writes must happen in this mode
     def keep(self, nodes: list[int]) -> None:
         start = self._last_start
+        _check_keep_path(nodes, self._cache_len - start)
+        nodes = list(nodes)
         if nodes == list(range(len(nodes))):
             self.crop(start + len(nodes))  # a chain prefix: cropping is enough
             return
@@ -92,6 +97,48 @@ class HFModel:
         if length < self._cache_len:
             self.cache.crop(length - self._cache_len)  # transformers 5 takes minus the tokens to remove
         self._cache_len = length
+
+
+def cache_kwarg_name(model: torch.nn.Module) -> str:
+    """The keyword under which this model's `forward` takes the KV cache: "cache" or "past_key_values".
+
+    transformers 5.24 renamed `past_key_values` to `cache` in the models' forward signatures; the old
+    name still works there but warns (FutureWarning, "will be removed in version 5.40.0") on every call.
+    transformers 5.20-5.23 (which pyproject also allows) only know `past_key_values`, and their forward
+    takes `**kwargs`, so passing `cache=` there would be swallowed silently and decoding would run
+    without a cache. Hence the name is read from the signature once, at construction: "cache" when the
+    forward declares it, else the old name (older releases, and remote-code models not yet migrated).
+    """
+    try:
+        parameters = inspect.signature(model.forward).parameters  # follows the decorators' __wrapped__
+    except (TypeError, ValueError):  # a forward whose signature cannot be read: the long-standing name
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _check_keep_path(nodes: list[int], available: int) -> None:
+    """Refuse anything but a root-first, strictly increasing path of indices in [0, available).
+
+    `available` is the number of the last forward's tokens still in the cache. The gather in `keep`
+    would otherwise silently keep the wrong keys and values (a path out of order or missing its root),
+    duplicate a token, or fail deep inside torch (an index past the end).
+    """
+    if not isinstance(nodes, (list, tuple)) or not nodes:
+        raise ValueError(f"keep needs a non-empty list of node indices, root (0) first; got {nodes!r}")
+    if not all(isinstance(node, int) and not isinstance(node, bool) for node in nodes):
+        raise ValueError(f"keep needs integer node indices; got {nodes!r}")
+    if nodes[0] != 0:
+        raise ValueError(f"keep needs a root-first path: the first node must be 0, got {nodes!r}")
+    if any(later <= earlier for earlier, later in pairwise(nodes)):
+        raise ValueError(f"keep needs a strictly increasing path (no repeats, parents before children); got {nodes!r}")
+    if available <= 0:
+        raise ValueError(f"keep({nodes!r}) has nothing to index: no tokens of a last forward are in the cache")
+    if nodes[-1] >= available:
+        raise ValueError(
+            f"keep got node {nodes[-1]}, but the last forward left only {available} token(s) in the cache "
+            f"(valid indices 0..{available - 1}); got {nodes!r}"
+        )
+
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
@@ -121,8 +168,11 @@ def load_hf(
     dtype: torch.dtype,
     attn_implementation: str = "sdpa",
     name: str | None = None,
+    gguf_file: str | None = None,
 ):
     """Load a transformers checkpoint (local directory or hub id) and its tokenizer.
+
+    gguf_file: a GGUF file inside the directory `path_or_id`, de-quantised by transformers on load.
 
     Returns (HFModel, tokenizer). Raises DuospecError when nothing loadable is found.
     """
@@ -131,11 +181,12 @@ def load_hf(
     source = str(path_or_id)
     if Path(source).expanduser().exists():
         source = str(Path(source).expanduser())
-        if not (Path(source) / "config.json").exists():
+        if gguf_file is None and not (Path(source) / "config.json").exists():
             raise DuospecError(f"{source} is a path but holds no config.json; point at a transformers checkpoint directory")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
+        gguf = {"gguf_file": gguf_file} if gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation, **gguf)
     except OSError as error:
         raise DuospecError(
             f"could not load model {source!r}: it is neither a local transformers checkpoint nor a hub id "

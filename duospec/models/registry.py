@@ -166,6 +166,62 @@ def ensure_converted(spec: EmbeddedModel, *, progress: bool = True) -> Path:
     return final
 
 
+def gguf_dir(spec: EmbeddedModel) -> Path:
+    """The cache directory holding `spec`'s assembled GGUF file and its tokenizer (llama.cpp backend)."""
+    return cache_root() / "gguf" / f"{spec.name}-{spec.sha256[:12]}"
+
+
+def ensure_gguf(spec: EmbeddedModel, *, progress: bool = True) -> Path:
+    """`spec`'s GGUF file, assembled from its packages once (SHA-256 checked while writing), then reused.
+
+    The llama.cpp backend reads this file as it is: no de-quantisation, no conversion. A marker written
+    after the file (and the file's size) tell a complete copy from one a killed run left behind.
+    """
+    directory = gguf_dir(spec)
+    path = directory / f"{spec.name}.gguf"
+    if _is_complete(directory, spec) and path.is_file() and path.stat().st_size == spec.size_bytes:
+        return path
+    parts = locate_parts(spec)
+    with _disk_errors(directory.parent, "set DUOSPEC_CACHE to a directory elsewhere"):
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / MARKER_NAME).unlink(missing_ok=True)
+        _require_free_space(directory, spec.size_bytes + (64 << 20))
+        _assemble(spec, parts, path, progress=progress)
+        _write_marker(directory, spec)
+    return path
+
+
+def gguf_tokenizer(gguf_path: Path, *, cache: Path | None = None) -> "PreTrainedTokenizerBase":
+    """The transformers tokenizer stored in a GGUF file (the same ids as the converted checkpoint's).
+
+    With `cache`, the tokenizer is saved there the first time and loaded from there afterwards
+    (building it from the GGUF's vocabulary takes seconds for a 150k-token vocabulary).
+    """
+    from transformers import AutoTokenizer
+
+    if cache is not None and (cache / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(cache)
+        except Exception:  # a damaged copy: rebuild it from the GGUF below
+            shutil.rmtree(cache, ignore_errors=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except ImportError as error:
+        raise DuospecError(f"reading the tokenizer of {gguf_path} needs the gguf package ({error}); run pip install gguf") from error
+    except Exception as error:
+        raise DuospecError(
+            f"could not read a tokenizer from {gguf_path} ({type(error).__name__}: {error}); "
+            "the file may be damaged, or its tokenizer type is not supported by transformers"
+        ) from error
+    if cache is not None:
+        with contextlib.suppress(OSError):
+            staged = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{cache.name}."))
+            tokenizer.save_pretrained(staged)
+            shutil.rmtree(cache, ignore_errors=True)
+            os.rename(staged, cache)
+    return tokenizer
+
+
 def locate_parts(spec: EmbeddedModel) -> list[Path]:
     """Paths of `spec`'s part files, in order, or a DuospecError naming what to install.
 

@@ -1,0 +1,399 @@
+"""llama.cpp backend: a GGUF model driven through llama-cpp-python's low-level API, as the Model protocol.
+
+Why the low-level API: the high-level `llama_cpp.Llama` keeps one sequence and cannot score a tree.
+Here one `llama_decode` call scores a chain or a whole tree and returns logits for every token.
+
+Trees without an attention mask: llama.cpp has no arbitrary mask, but its KV cache lets a cell belong
+to several sequences, and a token attends to the cells of its (first) sequence at positions up to its
+own. So every leaf of the tree gets its own sequence id (1, 2, ...), every node carries the ids of all
+leaves below it, and each leaf's sequence also holds the committed prefix (sequence 0, copied by id,
+not by data). A node then sees exactly the prefix, its ancestors and itself, with position = cached
+length + depth, as llama.cpp's own speculative and parallel examples do. Several ids per token need a
+unified KV cache (`kv_unified`); without it `llama_decode` refuses the batch.
+
+Keeping a path: the accepted nodes all lie on the branch of one leaf s. Drop s's cells past the path,
+keep only s's cells (`seq_keep`, which also strips every other id), then rename s to 0. The cache
+holds the prefix plus the path, in order, and the cached length is checked after every round.
+
+Facts checked with llama-cpp-python 0.3.36: a batch larger than `n_batch` aborts the process (a C
+assert), so inputs are cut into chunks first; the logits buffer is overwritten by the next decode, so
+it is copied out at once; a log callback must stay referenced while llama.cpp may call it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from duospec.config import DuospecError
+
+INSTALL_HINT = (
+    "the llama.cpp backend needs llama-cpp-python; install it with "
+    "pip install -e \".[llamacpp]\" (it compiles llama.cpp, about 5 minutes on 2 cores), or use --backend transformers"
+)
+DEFAULT_CONTEXT = 4096  # KV cells allocated; the model's trained context caps it
+DEFAULT_BATCH = 512  # tokens per llama_decode call (longer inputs are split)
+DEFAULT_SEQUENCES = 64  # sequence ids: a tree may have at most this minus one leaves
+MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
+
+
+def import_llama_cpp():
+    """The llama_cpp module, or a DuospecError that says how to install it."""
+    try:
+        import llama_cpp
+    except ImportError as error:
+        raise DuospecError(f"{INSTALL_HINT} ({error})") from error
+    return llama_cpp
+
+
+def llama_cpp_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_backend_ready = False
+_log_callback = None  # keeps the ctypes callback alive as long as llama.cpp may call it
+
+
+def _init_backend(llama_cpp, verbose: bool) -> None:
+    """Initialise llama.cpp once per process and silence its log unless asked for."""
+    global _backend_ready, _log_callback
+    if _backend_ready:
+        return
+    if not verbose:
+        _log_callback = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    _backend_ready = True
+
+
+def amx_kernels_would_run(llama_cpp) -> bool:
+    """Whether this llama.cpp build has its AMX matmul kernels and this CPU would run them.
+
+    llama.cpp's AMX path (a repacked "extra buffer type") segfaults in the first decode of the embedded
+    GGUFs with llama-cpp-python 0.3.36 (upstream issue 20824, open). A crash is the one failure a user
+    cannot recover from, so such a build runs without repacked weights here (slower, never crashing).
+    The README's install builds without the AMX kernels instead, which keeps the faster repacked layout.
+    """
+    global _amx_checked
+    if _amx_checked is None:
+        system = llama_cpp.llama_print_system_info().decode(errors="replace")
+        try:
+            cpu_flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpu_flags = ""
+        _amx_checked = "AMX_INT8 = 1" in system and "amx_int8" in cpu_flags
+        if _amx_checked:
+            import sys
+
+            print(
+                "duospec: this llama.cpp build has AMX kernels, which crash on these models (llama.cpp issue 20824); "
+                "running without repacked weights. Reinstall llama-cpp-python as the README shows for full speed.",
+                file=sys.stderr,
+            )
+    return _amx_checked
+
+
+_amx_checked: bool | None = None
+
+
+@dataclass(frozen=True)
+class LlamaCppSettings:
+    """How a GGUF model is run. threads=None means every core of this process's affinity."""
+
+    context: int = DEFAULT_CONTEXT
+    batch: int = DEFAULT_BATCH
+    sequences: int = DEFAULT_SEQUENCES
+    threads: int | None = None
+    repack: bool = True  # llama.cpp's repacked CPU weight layouts ("extra buffer types"), faster kernels
+
+    def resolved_threads(self) -> int:
+        return self.threads or len(os.sched_getaffinity(0))
+
+
+def check_gguf_file(path: Path) -> None:
+    """Refuse a file that is not a GGUF before llama.cpp reads it (a bad file there is only a NULL)."""
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as error:
+        raise DuospecError(f"cannot read the GGUF file {path}: {error.strerror}") from error
+    if magic != b"GGUF":
+        raise DuospecError(f"{path} is not a GGUF file (it does not start with 'GGUF'); pass a .gguf model file")
+
+
+class LlamaCppModel:
+    """A GGUF model plus its llama.cpp context and KV cache. Satisfies `duospec.models.base.Model`."""
+
+    def __init__(self, path: str | os.PathLike, settings: LlamaCppSettings = LlamaCppSettings(), *, name: str | None = None, verbose: bool = False) -> None:
+        llama_cpp = import_llama_cpp()
+        self._lib = llama_cpp
+        self.path = Path(path)
+        self.name = name or str(self.path)
+        self.settings = settings
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32  # logits come back in float32; weights keep the GGUF's types
+        check_gguf_file(self.path)
+        if not (2 <= settings.sequences <= MAX_SEQUENCES):
+            raise DuospecError(f"llama.cpp sequences must be in 2..{MAX_SEQUENCES}, got {settings.sequences}")
+        _init_backend(llama_cpp, verbose)
+
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.use_extra_bufts = settings.repack and not amx_kernels_would_run(llama_cpp)
+        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
+        if not self._model:
+            raise DuospecError(
+                f"llama.cpp could not load {self.path}: the file is truncated or damaged, or its architecture is "
+                "not supported by this llama.cpp build (rerun with verbose logging for details, or use --backend transformers)"
+            )
+        self.trained_context = int(llama_cpp.llama_model_n_ctx_train(self._model))
+        threads = settings.resolved_threads()
+        context_params = llama_cpp.llama_context_default_params()
+        context_params.n_ctx = min(settings.context, self.trained_context) if self.trained_context > 0 else settings.context
+        context_params.n_batch = settings.batch
+        context_params.n_ubatch = settings.batch
+        context_params.n_seq_max = settings.sequences
+        context_params.n_threads = threads
+        context_params.n_threads_batch = threads
+        context_params.kv_unified = True  # one token in several sequences (trees) needs a unified cache
+        self._ctx = llama_cpp.llama_init_from_model(self._model, context_params)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+            raise DuospecError(f"llama.cpp could not create a context for {self.path} (context {context_params.n_ctx}); try a smaller --context")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self.max_context = int(llama_cpp.llama_n_ctx(self._ctx))
+        self.threads = threads
+        self._batch_size = int(llama_cpp.llama_n_batch(self._ctx))
+        self._batch = llama_cpp.llama_batch_init(self._batch_size, 0, settings.sequences)
+        # numpy views of the batch's arrays: filling them costs one vectorised write per field.
+        self._batch_tokens = np.ctypeslib.as_array(self._batch.token, shape=(self._batch_size,))
+        self._batch_positions = np.ctypeslib.as_array(self._batch.pos, shape=(self._batch_size,))
+        self._batch_n_seq = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self._batch_size,))
+        self._batch_logits = np.ctypeslib.as_array(self._batch.logits, shape=(self._batch_size,))
+        self._seq_rows = [np.ctypeslib.as_array(self._batch.seq_id[i], shape=(settings.sequences,)) for i in range(self._batch_size)]
+        self._cache_len = 0
+        self._last_start = 0
+        self._last_leaf: list[int] | None = None  # for a tree forward: a leaf sequence below each node
+        self._last_parents: list[int] | None = None
+
+    # -- metadata ---------------------------------------------------------------------------------
+    def metadata(self, key: str) -> str | None:
+        """A GGUF metadata value as text (e.g. "general.name"), None when absent."""
+        buffer = ctypes.create_string_buffer(4096)
+        length = self._lib.llama_model_meta_val_str(self._model, key.encode(), buffer, len(buffer))
+        return buffer.value.decode("utf-8", "replace") if length >= 0 else None
+
+    def end_of_generation_ids(self) -> frozenset[int]:
+        """The ids llama.cpp itself stops on (EOS, EOT and the model's other end-of-generation tokens)."""
+        return frozenset(i for i in range(self.vocab_size) if self._lib.llama_vocab_is_eog(self._vocab, i))
+
+    # -- the Model protocol -----------------------------------------------------------------------
+    @property
+    def cache_len(self) -> int:
+        return self._cache_len
+
+    def reset(self) -> None:
+        self._lib.llama_memory_clear(self._memory, True)
+        self._cache_len = self._last_start = 0
+        self._last_leaf = self._last_parents = None
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        tree_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Score `tokens` after the cache in one decode per n_batch tokens; see the module docstring."""
+        self._settle_tree()
+        n_new = int(tokens.shape[0])
+        start = self._cache_len
+        if start + n_new > self.max_context:
+            raise DuospecError(
+                f"{self.name}: {start + n_new} tokens do not fit the llama.cpp context of {self.max_context}; "
+                "shorten the prompt or raise the context size"
+            )
+        token_ids = tokens.detach().to("cpu", torch.int64).numpy().astype(np.int32)
+        if positions is None:
+            position_ids = np.arange(start, start + n_new, dtype=np.int32)
+        else:
+            position_ids = positions.detach().to("cpu").numpy().astype(np.int32)
+        sequences: list[list[int]] | None = None
+        if tree_mask is not None and not _is_causal(tree_mask):
+            parents = _parents_from_mask(tree_mask)
+            sequences, leaf_below = _leaf_sequences(parents)
+            if len(sequences) and max(max(s) for s in sequences) >= self.settings.sequences:
+                raise DuospecError(
+                    f"{self.name}: a tree with {max(max(s) for s in sequences)} leaves needs more llama.cpp "
+                    f"sequences than the {self.settings.sequences} allocated (at most {MAX_SEQUENCES - 1} leaves)"
+                )
+            for sequence in {s for row in sequences for s in row}:
+                self._lib.llama_memory_seq_rm(self._memory, sequence, -1, -1)
+                self._lib.llama_memory_seq_cp(self._memory, 0, sequence, -1, -1)
+            self._last_leaf, self._last_parents = leaf_below, parents
+        rows: list[torch.Tensor] = []
+        for chunk_start in range(0, n_new, self._batch_size):
+            chunk_end = min(n_new, chunk_start + self._batch_size)
+            want_logits = not last_only or chunk_end == n_new
+            rows.append(self._decode(token_ids, position_ids, sequences, chunk_start, chunk_end, want_logits, last_only))
+        self._last_start = start
+        self._cache_len = start + n_new
+        return torch.cat([row for row in rows if row.numel()]) if len(rows) > 1 else rows[0]
+
+    def _decode(self, token_ids, position_ids, sequences, begin: int, end: int, want_logits: bool, last_only: bool) -> torch.Tensor:
+        n = end - begin
+        self._batch.n_tokens = n
+        self._batch_tokens[:n] = token_ids[begin:end]
+        self._batch_positions[:n] = position_ids[begin:end]
+        if sequences is None:
+            self._batch_n_seq[:n] = 1
+            for i in range(n):
+                self._seq_rows[i][0] = 0
+        else:
+            for i in range(n):
+                row = sequences[begin + i]
+                self._batch_n_seq[i] = len(row)
+                self._seq_rows[i][: len(row)] = row
+        self._batch_logits[:n] = 0
+        n_out = 0
+        if want_logits:
+            if last_only:
+                self._batch_logits[n - 1] = 1
+                n_out = 1
+            else:
+                self._batch_logits[:n] = 1
+                n_out = n
+        status = self._lib.llama_decode(self._ctx, self._batch)
+        if status != 0:
+            raise DuospecError(
+                f"{self.name}: llama_decode failed (code {status}: "
+                + ("no room left in the KV cache" if status == 1 else "aborted" if status == 2 else "error")
+                + "); raise the context size or shorten the input"
+            )
+        if n_out == 0:
+            return torch.empty(0, self.vocab_size)
+        pointer = self._lib.llama_get_logits(self._ctx)
+        # Copied at once: the next decode overwrites llama.cpp's logits buffer.
+        logits = np.ctypeslib.as_array(pointer, shape=(n_out * self.vocab_size,)).copy()
+        return torch.from_numpy(logits).view(n_out, self.vocab_size)
+
+    def keep(self, nodes: list[int]) -> None:
+        n_last = self._cache_len - self._last_start
+        _check_path(nodes, n_last, self._last_parents)
+        start = self._last_start
+        if self._last_leaf is None:
+            self.crop(start + len(nodes))
+            return
+        if nodes:
+            leaf = self._last_leaf[nodes[-1]]
+            self._lib.llama_memory_seq_rm(self._memory, leaf, start + len(nodes), -1)
+            self._lib.llama_memory_seq_keep(self._memory, leaf)
+            self._lib.llama_memory_seq_cp(self._memory, leaf, 0, -1, -1)
+            self._lib.llama_memory_seq_rm(self._memory, leaf, -1, -1)
+        else:
+            self._lib.llama_memory_seq_keep(self._memory, 0)
+        self._last_leaf = self._last_parents = None
+        self._cache_len = start + len(nodes)
+
+    def crop(self, length: int) -> None:
+        self._settle_tree()
+        if not (0 <= length <= self._cache_len):
+            raise ValueError(f"cannot crop a cache of {self._cache_len} tokens to {length}")
+        if length < self._cache_len:
+            if not self._lib.llama_memory_seq_rm(self._memory, 0, length, -1):
+                raise DuospecError(f"{self.name}: llama.cpp cannot trim this model's cache (recurrent or sliding-window memory); use --backend transformers")
+        self._cache_len = length
+
+    def _settle_tree(self) -> None:
+        """Drop a scored tree nobody kept a path of, so the cache is the prefix alone (sequence 0)."""
+        if self._last_leaf is not None:
+            self._lib.llama_memory_seq_keep(self._memory, 0)
+            self._cache_len = self._last_start
+            self._last_leaf = self._last_parents = None
+
+    def close(self) -> None:
+        """Free llama.cpp's context, batch and weights (also done when the object is collected)."""
+        lib = getattr(self, "_lib", None)
+        if lib is None:
+            return
+        if getattr(self, "_ctx", None):
+            lib.llama_batch_free(self._batch)
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            lib.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the library may be gone already
+            pass
+
+
+def _is_causal(mask: torch.Tensor) -> bool:
+    n = mask.shape[0]
+    return bool(torch.equal(mask.to("cpu"), torch.ones(n, n, dtype=torch.bool).tril_()))
+
+
+def _parents_from_mask(mask: torch.Tensor) -> list[int]:
+    """Each node's parent: its nearest earlier ancestor in an ancestor mask, -1 for a root.
+
+    Example: mask rows [1,0,0,0], [1,1,0,0], [1,0,1,0], [1,1,0,1] -> [-1, 0, 0, 1]
+    (node 3's ancestors are 0 and 1; its parent is 1, not 0).
+    """
+    mask = mask.to("cpu", torch.bool)
+    n = mask.shape[0]
+    earlier = torch.ones(n, n, dtype=torch.bool).tril_(-1) & mask
+    ranks = earlier.long() * (torch.arange(n) + 1)  # 1-based index of each earlier ancestor, 0 elsewhere
+    return (ranks.max(dim=1).values - 1).tolist()
+
+
+def _leaf_sequences(parents: list[int]) -> tuple[list[list[int]], list[int]]:
+    """Sequence ids per node (one per leaf below it, leaves numbered from 1) and one leaf below each node.
+
+    Example: parents [-1, 0, 0, 1] (leaves: nodes 2 and 3; numbered from the last node back, so
+    node 3 is leaf 1 and node 2 is leaf 2) -> sequences [[1, 2], [1], [2], [1]], leaf_below [1, 1, 2, 1].
+    Not [[0, ...], ...]: sequence 0 is the committed prefix, which no tree node joins.
+    """
+    n = len(parents)
+    has_child = [False] * n
+    for parent in parents:
+        if parent >= 0:
+            has_child[parent] = True
+    sequences: list[list[int]] = [[] for _ in range(n)]
+    leaf_below = [0] * n
+    next_id = 1
+    for node in range(n - 1, -1, -1):
+        if not has_child[node]:
+            sequences[node].append(next_id)
+            next_id += 1
+        sequences[node].sort()
+        leaf_below[node] = sequences[node][0]
+        parent = parents[node]
+        if parent >= 0:
+            sequences[parent].extend(sequences[node])
+    return sequences, leaf_below
+
+
+def _check_path(nodes: list[int], n_last: int, parents: list[int] | None) -> None:
+    """`nodes` must be a root-first path among the last forward's tokens (each the child of the one before)."""
+    if not nodes:
+        return
+    if nodes[0] != 0 or any(not (0 <= node < n_last) for node in nodes):
+        raise ValueError(f"keep needs a root-first path of node indices in 0..{n_last - 1}, got {nodes}")
+    for previous, node in zip(nodes, nodes[1:]):
+        expected_parent = node - 1 if parents is None else parents[node]
+        if expected_parent != previous:
+            raise ValueError(f"keep needs a path: node {node} is not a child of node {previous} (got {nodes})")
