@@ -32,6 +32,7 @@ import torch
 from duospec.models.base import Model
 
 DEFAULT_TARGET_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 33)
+PROBE_EVERY = 16  # while drafting does not pay, draft one token every this many rounds to re-learn alpha
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,7 @@ class GammaPolicy:
         self.reset()
 
     def reset(self) -> None:
+        self._idle_rounds = 0  # rounds in which drafting did not pay and nothing was drafted
         self._first = [0.0, 0.0]  # discounted successes, trials of alpha_first
         self._next = [0.0, 0.0]  # the same for alpha_next
 
@@ -170,6 +172,15 @@ class GammaPolicy:
             return DraftBudget(self.fixed_gamma)
         first, later = self.alpha_first, self.alpha_next
         gamma = best_gamma(first, self.profile, self.draft_step_seconds, self.max_gamma, later)
+        if not self._pays(gamma, first, later):
+            # Drafting loses to plain decoding here (on CPUs where a pass over 2 tokens costs far more
+            # than over 1, it does even at full acceptance). Draft nothing, so `sd` never runs slower
+            # than `ar`; where drafting would pay at a higher acceptance, probe now and then to learn
+            # whether the text has become predictable.
+            self._idle_rounds += 1
+            if self._could_pay and self._idle_rounds % PROBE_EVERY == 0:
+                return DraftBudget(1)
+            return DraftBudget(0)
         if self.draft_step_seconds == 0:
             return DraftBudget(gamma)  # a free draft has no confidence to stop on: draft the best gamma
         cost = gamma * self.draft_step_seconds + self.profile.target_pass(gamma + 1)
@@ -179,6 +190,17 @@ class GammaPolicy:
             for drafted in range(self.max_gamma)
         )
         return DraftBudget(self.max_gamma, floors)
+
+    def _pays(self, gamma: int, alpha_first: float, alpha_next: float) -> bool:
+        """Whether `gamma` draft tokens per round beat plain decoding (one token per 1-token pass)."""
+        cost = gamma * self.draft_step_seconds + self.profile.target_pass(gamma + 1)
+        return expected_tokens(alpha_first, gamma, alpha_next) / cost > 1.0 / self.profile.target_pass(1)
+
+    @property
+    def _could_pay(self) -> bool:
+        """Whether drafting would pay at the highest acceptance the estimates allow (0.99)."""
+        best = best_gamma(0.99, self.profile, self.draft_step_seconds, self.max_gamma, 0.99)
+        return self._pays(best, 0.99, 0.99)
 
     def _verify_growth(self, drafted: int) -> float:
         """Extra verification seconds for draft token drafted + 1 (the pass grows from drafted + 1 tokens)."""

@@ -114,3 +114,32 @@ def test_chain_drafter_stops_when_its_confidence_drops():
     assert unsure.n_draft == 1
     assert full.n_draft == 6
     assert torch.equal(unsure.tokens, full.tokens[:2])  # the same first draft token either way
+
+
+# Measured on this project's 2-core AMD EPYC with llama.cpp (1.5B Q4_K target): every extra token in a
+# pass costs about 50 ms more, so verification is never free.
+STEEP_PROFILE = CostProfile({1: 0.070, 2: 0.120, 3: 0.150, 4: 0.185, 8: 0.470, 16: 0.600})
+
+
+def test_no_draft_where_drafting_cannot_pay_even_at_full_acceptance():
+    """With a 35 ms draft step, gamma 1 at alpha 0.99 gives 1.99 tokens per 155 ms (12.8/s) < 1/0.070
+    (14.3/s): the budget must draft nothing, not the 'best' gamma of 1 (which would lose 10%)."""
+    policy = GammaPolicy(STEEP_PROFILE, 0.035)
+    for _ in range(40):
+        policy.observe(3, 3)  # even a perfect record does not change that
+    assert [policy.next_budget().max_tokens for _ in range(40)] == [0] * 40  # and no probes: nothing to learn
+
+
+def test_drafting_resumes_by_probing_once_it_could_pay():
+    """A cheap draft could pay at high acceptance; after many rejections the policy stops drafting but
+    probes one token every PROBE_EVERY rounds, and drafts again once the probes are accepted."""
+    from duospec.budget import PROBE_EVERY
+
+    policy = GammaPolicy(STEEP_PROFILE, 0.004)
+    for _ in range(30):
+        policy.observe(2, 0)
+    budgets = [policy.next_budget().max_tokens for _ in range(PROBE_EVERY * 2)]
+    assert budgets.count(0) == 2 * PROBE_EVERY - 2 and budgets.count(1) == 2  # not all zero: it probes
+    for _ in range(30):
+        policy.observe(1, 1)
+    assert policy.next_budget().max_tokens >= 1
