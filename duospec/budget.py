@@ -32,7 +32,9 @@ import torch
 from duospec.models.base import Model
 
 DEFAULT_TARGET_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 33)
+DRAFT_MARGIN = 0.05  # drafting must promise this much more than plain decoding to be chosen
 PROBE_EVERY = 16  # while drafting does not pay, draft one token every this many rounds to re-learn alpha
+PROBE_ALPHA = 0.9  # ... but only where drafting would pay at this acceptance rate
 
 
 @dataclass(frozen=True)
@@ -192,15 +194,19 @@ class GammaPolicy:
         return DraftBudget(self.max_gamma, floors)
 
     def _pays(self, gamma: int, alpha_first: float, alpha_next: float) -> bool:
-        """Whether `gamma` draft tokens per round beat plain decoding (one token per 1-token pass)."""
+        """Whether `gamma` draft tokens per round beat plain decoding (one token per 1-token pass) by
+        DRAFT_MARGIN: a drafting round also pays what the profile does not hold (the draft's catch-up,
+        copying more logits, verifying), and a measured cost is only good to a few percent."""
         cost = gamma * self.draft_step_seconds + self.profile.target_pass(gamma + 1)
-        return expected_tokens(alpha_first, gamma, alpha_next) / cost > 1.0 / self.profile.target_pass(1)
+        return expected_tokens(alpha_first, gamma, alpha_next) / cost > (1.0 + DRAFT_MARGIN) / self.profile.target_pass(1)
 
     @property
     def _could_pay(self) -> bool:
-        """Whether drafting would pay at the highest acceptance the estimates allow (0.99)."""
-        best = best_gamma(0.99, self.profile, self.draft_step_seconds, self.max_gamma, 0.99)
-        return self._pays(best, 0.99, 0.99)
+        """Whether drafting would pay at a good acceptance rate (PROBE_ALPHA). Only then are probes
+        worth their cost, which for a draft model includes catching its cache up on everything
+        decoded since it last ran (the whole prompt, the first time: seconds for a long one)."""
+        best = best_gamma(PROBE_ALPHA, self.profile, self.draft_step_seconds, self.max_gamma, PROBE_ALPHA)
+        return self._pays(best, PROBE_ALPHA, PROBE_ALPHA)
 
     def _verify_growth(self, drafted: int) -> float:
         """Extra verification seconds for draft token drafted + 1 (the pass grows from drafted + 1 tokens)."""
@@ -219,30 +225,31 @@ class GammaPolicy:
 def measure_target_costs(model: Model, sizes: tuple[int, ...], context_tokens: int = 256, repeats: int = 3) -> dict[int, float]:
     """Median seconds of one pass over n new tokens after `context_tokens` cached ones, for each n.
 
-    The same measurement serves `duospec profile` and the budget. The cache is restored afterwards.
+    Sizes are measured in interleaved rounds (every size once per round), so a drift of the machine's
+    speed during the measurement (a clock ramping up, a thread pool waking) touches every size alike
+    instead of biasing the first one measured. The same measurement serves `duospec profile` and the
+    budget. The cache is restored afterwards.
     """
     if model.max_context is not None:  # never run past the model's positions
         context_tokens = max(1, min(context_tokens, model.max_context - max(sizes) - 1))
     filler = torch.arange(context_tokens, device=model.device) % max(model.vocab_size - 1, 1)
     model.reset()
     model.forward(filler, last_only=True)
-    for _ in range(2):  # warm-up of the decode path (pages in memory-mapped weights)
-        model.forward(filler[:1])
-    model.crop(context_tokens)
-    costs: dict[int, float] = {}
-    for n in sizes:
-        tokens = torch.arange(n, device=model.device) % max(model.vocab_size - 1, 1)
-        samples = []
-        for _ in range(repeats):
+    for n in (1, 1, 1, max(sizes)):  # warm-up of the decode paths (pages in memory-mapped weights)
+        model.forward(filler[:n])
+        model.crop(context_tokens)
+    samples: dict[int, list[float]] = {n: [] for n in sizes}
+    for _ in range(repeats):
+        for n in sizes:
+            tokens = torch.arange(n, device=model.device) % max(model.vocab_size - 1, 1)
             _synchronize(model.device)
             start = time.perf_counter()
             model.forward(tokens)
             _synchronize(model.device)
-            samples.append(time.perf_counter() - start)
+            samples[n].append(time.perf_counter() - start)
             model.crop(context_tokens)
-        costs[n] = sorted(samples)[len(samples) // 2]
     model.reset()
-    return costs
+    return {n: sorted(times)[len(times) // 2] for n, times in samples.items()}
 
 
 def measure_draft_step(model: Model, context_tokens: int = 256, repeats: int = 5) -> float:

@@ -123,7 +123,9 @@ STEEP_PROFILE = CostProfile({1: 0.070, 2: 0.120, 3: 0.150, 4: 0.185, 8: 0.470, 1
 
 def test_no_draft_where_drafting_cannot_pay_even_at_full_acceptance():
     """With a 35 ms draft step, gamma 1 at alpha 0.99 gives 1.99 tokens per 155 ms (12.8/s) < 1/0.070
-    (14.3/s): the budget must draft nothing, not the 'best' gamma of 1 (which would lose 10%)."""
+    (14.3/s): the budget must draft nothing, not the 'best' gamma of 1 (which would lose 10%), and
+    must not probe either (each probe makes the draft catch up on the context, seconds for a long
+    prompt: measured 9 s on a summarisation prompt before this rule)."""
     policy = GammaPolicy(STEEP_PROFILE, 0.035)
     for _ in range(40):
         policy.observe(3, 3)  # even a perfect record does not change that

@@ -136,6 +136,14 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 
 # -- machine and versions ----------------------------------------------------------------------
+def _llama_cpp_version() -> str | None:
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    return llama_cpp.__version__
+
+
 def collect_meta(flags: dict, run: dict, command: str) -> dict:
     """What a reader needs to judge and rerun the numbers: command, machine, versions, models, flags."""
     import torch
@@ -156,6 +164,7 @@ def collect_meta(flags: dict, run: dict, command: str) -> dict:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
+            "llama_cpp_python": _llama_cpp_version(),
             "duospec": duospec.__version__,
         },
         "flags": flags,
@@ -239,7 +248,9 @@ def render_markdown(summary: dict, meta: dict) -> str:
         "## Setup",
         "",
         f"- Machine: {machine['cpu']}, {machine['cpu_count']} logical CPUs, {machine['platform']}" + (f", GPU {machine['gpu']}" if machine["gpu"] else ""),
-        f"- Versions: Python {versions['python']}, torch {versions['torch']}, transformers {versions['transformers']}, duospec {versions['duospec']}",
+        f"- Versions: Python {versions['python']}, torch {versions['torch']}, transformers {versions['transformers']}"
+        + (f", llama-cpp-python {versions['llama_cpp_python']}" if versions.get("llama_cpp_python") else "")
+        + f", duospec {versions['duospec']}",
         f"- Models: target `{flags['target']}`, draft `{flags['draft']}`; dtype {flags['dtype'].removeprefix('torch.')}, device {flags['device']}, threads {flags['threads']}",
         f"- Decoding: max_new_tokens {flags['max_new_tokens']}, temperature {flags['temperature']}, top_p {flags['top_p']}, top_k {flags['top_k']}, seed {flags['seed']}",
         f"- Questions: `{run['questions']}` (sha256 {flags['questions_sha256'][:12]}), {run['limit']} per task; methods {', '.join(run['methods'])}",
