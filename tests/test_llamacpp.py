@@ -381,3 +381,22 @@ def test_an_architecture_llama_cpp_does_not_know_is_a_clear_error(tmp_path, targ
     writer.close()
     with pytest.raises(DuospecError, match="architecture is not supported"):
         LlamaCppModel(path, SETTINGS)
+
+
+def test_near_tie_rescoring_on_llama_cpp_follows_ar(gguf_files):
+    """On llama.cpp the bench re-scores a divergence as `ar` decodes (prompt pass, then one token per
+    pass), because llama.cpp's logits depend on how its cache was filled; the margin is ar's own gap."""
+    from duospec.bench.ties import divergence
+
+    pipe = llama_pipeline(gguf_files["same"])
+    ids = pipe.encode("w1 w2 w3")
+    answer = pipe.generate(ids, method="ar", max_new_tokens=6).token_ids
+    other = [*answer[:3], (answer[3] + 1) % 60 + 2, *answer[4:]]
+    verdict = divergence(pipe, ids, answer, other)
+    target = pipe.target
+    target.reset()
+    logits = target.forward(torch.tensor(ids), last_only=True)[-1]
+    for token in answer[:3]:
+        logits = target.forward(torch.tensor([token]), last_only=True)[-1]
+    assert verdict.position == 3
+    assert verdict.margin == pytest.approx(abs(float(logits[answer[3]] - logits[other[3]])), abs=1e-6)

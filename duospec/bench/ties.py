@@ -76,7 +76,8 @@ def divergence(
     """Where answers a and b (new token ids after `prompt_ids`) first differ, and whether that is a near-tie.
 
     Runs one target pass over prompt + common prefix when they differ (the target's cache is reset
-    before and after), so the logits are the run's own: its dtype, its backend. tolerance defaults to
+    before and after), so the logits are the run's own: its dtype, its backend. On llama.cpp the prefix
+    is fed one token per pass instead, as `ar` decodes it (see the comment below). tolerance defaults to
     `near_tie_tolerance(pipe.dtype, pipe.backend)` (backend "transformers" for a pipeline without one).
 
     Example (the same cases are tests in tests/test_bench_ties.py):
@@ -91,11 +92,20 @@ def divergence(
         # One answer is a prefix of the other: no pair of competing tokens to compare.
         return Divergence(min(len(ids_a), len(ids_b)), None, False)
     target = pipe.target
+    backend = getattr(pipe, "backend", "transformers")
     target.reset()
     try:
-        logits = target.forward(torch.tensor([*prompt_ids, *ids_a[:position]], device=target.device), last_only=True)[-1]
+        if backend == "llama.cpp":
+            # llama.cpp's logits depend on how the cache was filled (a prompt pass vs one-token steps,
+            # float16 cells): measured up to 0.45 apart for one position. So re-score exactly as `ar`
+            # decodes answer a (prompt in one pass, then one token per pass): the gap is ar's own.
+            logits = target.forward(torch.tensor(prompt_ids), last_only=True)[-1]
+            for token in ids_a[:position]:
+                logits = target.forward(torch.tensor([token]), last_only=True)[-1]
+        else:
+            logits = target.forward(torch.tensor([*prompt_ids, *ids_a[:position]], device=target.device), last_only=True)[-1]
     finally:
         target.reset()
     margin = abs(float(logits[ids_a[position]]) - float(logits[ids_b[position]]))
-    limit = near_tie_tolerance(pipe.dtype, getattr(pipe, "backend", "transformers")) if tolerance is None else tolerance
+    limit = near_tie_tolerance(pipe.dtype, backend) if tolerance is None else tolerance
     return Divergence(position, margin, margin <= limit)
