@@ -54,7 +54,8 @@ def test_json_output_has_every_field_and_methods_agree(checkpoints, capsys):
         assert key in records["sd"], key
     assert records["sd"]["token_ids"] == records["ar"]["token_ids"] == records["pld"]["token_ids"]
     assert records["ar"]["new_tokens"] == 12 and records["ar"]["mean_accepted"] == 1.0
-    assert records["sd"]["gamma"] >= 1 and records["sd"]["gamma_auto"] is True
+    # 0 is a valid choice: the budget drafts nothing where the measured costs say drafting cannot pay.
+    assert records["sd"]["gamma"] >= 0 and records["sd"]["gamma_auto"] is True
 
 
 def test_streamed_text_equals_json_text(checkpoints, capsys):

@@ -143,10 +143,9 @@ def test_temperature_floor_and_zero_are_accepted():
 
 
 # ---------------------------------------------------------------------------------------------------
-# 3. Bools are not token ids (the fix belongs in api.py, Pipeline.encode).
+# 3. Bools are not token ids (Pipeline.encode).
 
 
-@pytest.mark.xfail(reason="fixed in api.py by the backend refactor", strict=False)
 @pytest.mark.parametrize("prompt", [[True, 5], [5, False]])
 def test_bool_token_ids_are_refused(model, prompt):
     pipe = tiny_pipeline(model)
