@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -206,16 +206,12 @@ class Pipeline:
         return self._draft
 
     def _draft_load_options(self, quantization: str | None = None) -> LoadOptions:
+        """How the draft loads: its own options (or the target's backend), with the given or the
+        pipeline's weight quantisation (which only transformers drafts use)."""
         options = self.draft_options or LoadOptions(backend=self.backend, device=self.device, dtype=self.dtype)
-        if quantization is not None:
-            from dataclasses import replace
-
-            options = replace(options, quantization=quantization)
-        elif options.backend == "transformers":
-            from dataclasses import replace
-
-            options = replace(options, quantization=self.draft_quantization)
-        return options
+        if quantization is None and options.backend == "transformers":
+            quantization = self.draft_quantization
+        return options if quantization is None else replace(options, quantization=quantization)
 
     def plain_draft_model(self) -> torch.nn.Module:
         """The draft exactly as transformers loads it (same checkpoint and dtype, no int8 weights).
@@ -225,8 +221,6 @@ class Pipeline:
         if self.draft_backend == "transformers" and self.draft_quantization == "none":
             return self.draft.model
         if self._plain_draft is None:
-            from dataclasses import replace
-
             options = replace(self._draft_load_options(quantization="none"), backend="transformers", device=self.device, dtype=self.dtype)
             self._plain_draft = self._load_draft(options, name=self.draft_source).model
         return self._plain_draft.model
@@ -415,8 +409,6 @@ def load(
     draft step reads half the bytes; exactness is untouched, only acceptance could move), "int8" or "none".
     context: llama.cpp KV cells per model (default 4096, capped by the model's trained context).
     """
-    from dataclasses import replace
-
     from duospec.models.llamacpp import LlamaCppSettings
     from duospec.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -109,7 +109,7 @@ def _load_llamacpp(source: str, options: LoadOptions, *, name: str | None, progr
         tokenizer = gguf_tokenizer(path)
         stat = path.stat()
         identity = f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
-    settings = options.llama if options.threads is None else _with_threads(options.llama, options.threads)
+    settings = options.llama if options.threads is None else replace(options.llama, threads=options.threads)
     model = LlamaCppModel(path, settings, name=name or source)
     eos = set(model.end_of_generation_ids())
     if tokenizer.eos_token_id is not None:
@@ -123,12 +123,6 @@ def _load_llamacpp(source: str, options: LoadOptions, *, name: str | None, progr
         platform.processor() or platform.machine(),
     ]
     return LoadedModel(model, tokenizer, frozenset(eos), cost_identity)
-
-
-def _with_threads(settings: LlamaCppSettings, threads: int) -> LlamaCppSettings:
-    from dataclasses import replace
-
-    return replace(settings, threads=threads)
 
 
 def _load_transformers(source: str, options: LoadOptions, *, name: str | None, progress: bool) -> LoadedModel:
