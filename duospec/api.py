@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from duospec.budget import CostProfile, GammaPolicy, draft_step_for, target_costs_for
+from duospec.budget import DRAFT_MARGIN, best_gamma, expected_tokens, CostProfile, GammaPolicy, draft_step_for, draft_step_key, keep_measurement, target_cost_key, target_costs_for
 from duospec.config import DRAFT_QUANTIZATIONS, DuospecError, GenerationRequest, SamplingConfig
+from duospec.costs import CostTracker, LoadProbe, LoadReading, corrected_draft_step, corrected_target_costs, may_keep_correction, under_load
 from duospec.drafting import METHODS
 from duospec.engines.sequential import generate_tokens
 from duospec.models.base import Model
@@ -112,6 +113,7 @@ class GenerationStream:
         self._prompt_tokens = prompt_tokens
         self._stats = stats
         self.result: GenerationResult | None = None
+        self._load_watch = pipeline.load_probe.start()  # whether this request ran under visible load
 
     def __iter__(self) -> Iterator[StreamChunk]:
         try:
@@ -136,6 +138,12 @@ class GenerationStream:
             if not self._stats.finish_reason:
                 self._stats.finish(reason)
             self._finalise()
+            close = getattr(self._chunks, "close", None)
+            if close is not None:
+                try:
+                    close()  # an engine's cleanup (thread placement, a draft process's drafting) runs now
+                except ValueError:  # "generator already executing": it is unwinding on its own
+                    pass
         return self.result
 
     def _finalise(self) -> None:
@@ -145,6 +153,8 @@ class GenerationStream:
             prompt_tokens=self._prompt_tokens,
             stats=self._stats,
         )
+        # The request is over: its real pass times may correct the figures for the next request.
+        self._pipeline.reconcile_costs(self._pipeline.load_probe.stop(self._load_watch, self._pipeline.target))
 
 
 class Pipeline:
@@ -190,6 +200,12 @@ class Pipeline:
         self._target_costs: dict[int, float] | None = None
         self._draft_step: float | None = None
         self._active_stream: GenerationStream | None = None  # the one stream whose caches the models hold
+        self.cost_tracker = CostTracker()  # real pass/step times the engines report (see reconcile_costs)
+        self.load_probe = LoadProbe()  # tells measurements and requests taken under visible load
+        self._draft_attached = False  # a draft handed over in memory (attach_draft), not loaded from a source
+        self._duo = None  # DuoRuntime: the draft process of `duo` requests, started on first use
+        self.verbose = False  # print budget choices and why (--verbose)
+        self._auto_alpha = 0.8  # acceptance `auto` expects of the draft model, learned across requests
         self.eos_ids = eos_ids if eos_ids is not None else hf_eos_ids(target, tokenizer)
 
     # -- models ---------------------------------------------------------------------------------
@@ -276,6 +292,11 @@ class Pipeline:
         self._draft = model
         self._draft_identity = None
         self._draft_step = None
+        self.cost_tracker.clear_draft()
+        self._draft_attached = True
+        if self._duo is not None:
+            self._duo.close()
+            self._duo = None
 
     def cost_key(self, model: Model) -> list[str] | None:
         """What a measured cost depends on; None for models built in memory (nothing stable to key on)."""
@@ -288,7 +309,7 @@ class Pipeline:
     def target_profile(self, remeasure: bool = False) -> CostProfile:
         """Seconds per target pass over n tokens, measured once per machine and cached on disk."""
         if self._target_costs is None or remeasure:
-            self._target_costs = target_costs_for(self.target, self.cost_key(self.target), remeasure)
+            self._target_costs = target_costs_for(self.target, self.cost_key(self.target), remeasure, self.load_probe, self._note)
             if self.progress:
                 costs = ", ".join(f"{n}: {s:.3f}" for n, s in sorted(self._target_costs.items()))
                 print(f"duospec: target ({self.backend}) pass seconds by tokens per pass: {costs}", file=sys.stderr)
@@ -298,10 +319,50 @@ class Pipeline:
         """Seconds per draft step, measured once per machine and cached on disk."""
         if self._draft_step is None or remeasure:
             draft = self.draft
-            self._draft_step = draft_step_for(draft, self.cost_key(draft), remeasure)
+            self._draft_step = draft_step_for(draft, self.cost_key(draft), remeasure, self.load_probe, self._note)
             if self.progress:
                 print(f"duospec: draft ({self.draft_backend}) step {self._draft_step:.3f} s", file=sys.stderr)
         return self._draft_step
+
+    def reconcile_costs(self, reading: LoadReading | None = None) -> None:
+        """Correct the figures in use from the real times in `cost_tracker`; called after each request.
+
+        A figure whose tracked median (MIN_SAMPLES or more) disagrees by more than AGREEMENT_FACTOR is
+        replaced in memory; the target curve is scaled as a whole (costs.corrected_target_costs). It is
+        also written to disk unless `reading` shows the request ran under visible load and the new
+        figure is slower (costs.may_keep_correction). Call it between requests only: a request's
+        budget must stay a function of the profile it started with, so that seeded runs repeat.
+        """
+        loaded = reading is not None and under_load(reading)
+        if self._target_costs is not None:
+            corrected = corrected_target_costs(CostProfile(self._target_costs), self.cost_tracker)
+            if corrected is not None:
+                old, self._target_costs = self._target_costs, corrected  # a new dict: running policies keep theirs
+                scale = corrected[min(corrected)] / old[min(old)]
+                key = target_cost_key(self.cost_key(self.target))
+                value = {str(n): s for n, s in corrected.items()}
+                self._keep_correction(key, value, may_keep_correction(scale, 1.0, loaded), f"target pass curve scaled by {scale:.2f} from real passes")
+        if self._draft_step is not None and self._draft is not None:
+            step = corrected_draft_step(self._draft_step, self.cost_tracker)
+            if step is not None:
+                old_step, self._draft_step = self._draft_step, step
+                key = draft_step_key(self.cost_key(self._draft))
+                self._keep_correction(key, step, may_keep_correction(step, old_step, loaded), f"draft step {old_step:.3f} s -> {step:.3f} s from real steps")
+
+    def _keep_correction(self, key: list[str] | None, value: object, may_keep: bool, what: str) -> None:
+        """Write a corrected figure (see reconcile_costs) where it may be kept, and say what happened."""
+        if key is None:
+            self._note(f"{what} (in memory)")
+        elif may_keep:
+            kept = keep_measurement(key, value)
+            self._note(f"{what}{', kept on disk' if kept else ''}")
+        else:
+            self._note(f"{what}; not kept on disk: this request ran under visible load")
+
+    def _note(self, message: str) -> None:
+        """A progress line on stderr (when progress output is on)."""
+        if self.progress:
+            print(f"duospec: {message}", file=sys.stderr)
 
     # -- prompts --------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int] | list[dict], chat: bool | None = None) -> list[int]:
@@ -357,6 +418,10 @@ class Pipeline:
                 f"the prompt has {len(prompt_ids)} tokens but the target's context holds {limit}; shorten the prompt"
             )
         spec = METHODS[method]
+        if spec.engine == "duo":
+            return self._stream_duo(prompt_ids, request)
+        if spec.engine == "auto":
+            return self._stream_auto(prompt_ids, request)
         draft = self.draft if spec.needs_draft_model else None
         drafter = spec.make_drafter(draft, self.target.vocab_size)
         policy = None
@@ -368,10 +433,82 @@ class Pipeline:
                 draft_cost = self.draft_step_seconds() if draft is not None else 0.0
                 policy = GammaPolicy(self.target_profile(), draft_cost)
         stats = GenerationStats(method=method, prompt_tokens=len(prompt_ids), gamma_auto=gamma is None)
-        chunks = generate_tokens(self.target, drafter, prompt_ids, request, policy, self.eos_ids, stats)
+        chunks = generate_tokens(self.target, drafter, prompt_ids, request, policy, self.eos_ids, stats, self.cost_tracker)
         stream = GenerationStream(self, chunks, _TextAssembler(self.tokenizer), len(prompt_ids), stats)
         self._active_stream = stream
         return stream
+
+    def duo_runtime(self):
+        """The draft process, thread split and costs of `duo` requests (set up on first use)."""
+        if self._duo is None:
+            from duospec.engines.duo_runtime import DuoRuntime
+
+            self._duo = DuoRuntime(self)
+        return self._duo
+
+    def _stream_duo(self, prompt_ids: list[int], request: GenerationRequest) -> GenerationStream:
+        from duospec.engines.duo_runtime import print_choice
+
+        runtime = self.duo_runtime()
+        runtime.prepare()
+        planner = runtime.planner(request.gamma)
+        if self.verbose:
+            print_choice(runtime, planner)
+        stats = GenerationStats(method="duo", prompt_tokens=len(prompt_ids), gamma_auto=request.gamma is None)
+        chunks = runtime.generate(prompt_ids, request, planner, stats)
+        stream = GenerationStream(self, chunks, _TextAssembler(self.tokenizer), len(prompt_ids), stats)
+        self._active_stream = stream
+        return stream
+
+    def _stream_auto(self, prompt_ids: list[int], request: GenerationRequest) -> GenerationStream:
+        """`auto`: duo for the whole request where its measured costs promise more than the best
+        in-process method, else the in-process methods chosen round by round (drafting/auto.py)."""
+        from duospec.drafting.auto import AutoDrafter
+        from duospec.drafting.chain import ChainDrafter
+
+        has_draft = self.draft_source is not None or self._draft is not None
+        profile = self.target_profile()
+        alpha = self._auto_alpha
+        sd_policy, sequential_rate = None, 1.0 / profile.target_pass(1)
+        if has_draft:
+            draft_step = self.draft_step_seconds()
+            sd_policy = GammaPolicy(profile, draft_step, prior_alpha=alpha)
+            gamma = best_gamma(alpha, profile, draft_step, sd_policy.max_gamma)
+            sequential_rate = max(sequential_rate, expected_tokens(alpha, gamma) / (gamma * draft_step + profile.target_pass(gamma + 1)))
+            runtime = self.duo_runtime()
+            if runtime.costs is None:
+                runtime._choose_split()
+            duo_rate, _ = runtime.costs.predicted_rate(alpha)
+            if self.verbose:
+                print(f"duospec: auto: duo promises {duo_rate:.1f} tok/s, the best in-process method {sequential_rate:.1f} tok/s (alpha {alpha:.2f})", file=sys.stderr)
+            if duo_rate > sequential_rate * (1 + DRAFT_MARGIN):
+                stream = self._stream_duo(prompt_ids, request)
+                stream._stats.method = "auto:duo"
+                return stream
+        drafter = AutoDrafter(ChainDrafter(self.draft, self.target.vocab_size) if has_draft else None, sd_policy, GammaPolicy(profile, 0.0))
+        stats = GenerationStats(method="auto", prompt_tokens=len(prompt_ids), gamma_auto=request.gamma is None)
+        stats.auto_rounds = drafter.rounds
+        chunks = generate_tokens(self.target, drafter, prompt_ids, request, drafter.policy, self.eos_ids, stats, self.cost_tracker)
+        stream = GenerationStream(self, self._learn_alpha(chunks, stats), _TextAssembler(self.tokenizer), len(prompt_ids), stats)
+        self._active_stream = stream
+        return stream
+
+    def _learn_alpha(self, chunks: Iterator[list[int]], stats: GenerationStats) -> Iterator[list[int]]:
+        """Pass the chunks through; afterwards remember the acceptance for the next auto choice."""
+        yield from chunks
+        if stats.alpha_estimate is not None:
+            self._auto_alpha = 0.5 * self._auto_alpha + 0.5 * stats.alpha_estimate
+
+    def close(self) -> None:
+        """Stop the draft process, if one runs (also done at exit). The pipeline stays usable."""
+        if self._duo is not None:
+            self._duo.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate(self, prompt: str | list[int] | list[dict], **options) -> GenerationResult:
         """Generate a whole answer (same options as `stream`). Ctrl-C raises GenerationInterrupted

@@ -10,7 +10,9 @@ E(gamma) = 1 + alpha_first * (1 - alpha_next^gamma) / (1 - alpha_next), which is
 when the two are equal. We pick the gamma with the most tokens per second. On a CPU t_target(n) is
 flat only up to a few tokens, so the best gamma is small unless the draft is reliably right; on a GPU
 the flat part is long and the best gamma grows. Both costs are measured on this machine at load (and
-cached on disk); the rates are estimated online from each request's own verification outcomes.
+cached on disk; a kept figure is spot-checked when read, a figure measured under visible load is not
+kept, and the real pass times correct the figures between requests: see costs.py); the rates are
+estimated online from each request's own verification outcomes.
 
 Determinism: the policy depends only on the cost profile and on the request's own outcomes, never on
 wall-clock readings taken during the request, so with the same (cached) profile a seeded sampled run
@@ -29,6 +31,8 @@ from typing import Callable
 
 import torch
 
+from duospec.costs import LoadProbe, spot_check_agrees, under_load
+from duospec.costs import synchronize as _synchronize
 from duospec.models.base import Model
 
 DEFAULT_TARGET_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 33)
@@ -279,46 +283,242 @@ def profiles_dir() -> Path:
     return cache_root() / "profiles"
 
 
-def cached_measurement(key_parts: list[str] | None, measure: Callable[[], object], remeasure: bool = False) -> object:
+@dataclass(frozen=True)
+class Measured:
+    """A fresh measurement and whether it ran under visible load (then it serves this run, unkept)."""
+
+    value: object
+    under_load: bool = False
+
+
+def cached_measurement(
+    key_parts: list[str] | None,
+    measure: Callable[[], object],
+    remeasure: bool = False,
+    spot_check: Callable[[object], bool] | None = None,
+    notify: Callable[[str], None] | None = None,
+) -> object:
     """A JSON-able measurement from the disk cache when its key matches, else measured and stored.
 
     key_parts identify model, dtype, device, threads and versions; None (in-memory test models)
     skips the disk cache. A damaged or unwritable cache only costs a re-measurement.
+    measure: returns the value, or a `Measured` whose `under_load` keeps it off the disk (it is still
+    returned for this run; `notify` says so). spot_check: given a kept value, False means it is wrong
+    here and is measured again (and replaced unless that measurement is under load).
     """
-    path = None
-    if key_parts:
-        digest = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:16]
-        path = profiles_dir() / f"{digest}.json"
-    if path is not None and path.exists() and not remeasure:
-        try:
-            return json.loads(path.read_text())["value"]
-        except (ValueError, KeyError):
-            pass
-    value = measure()
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"key": key_parts, "value": value}, indent=1))
-        except OSError:
-            pass
+    path = _cache_path(key_parts)
+    kept = _read_kept(path) if path is not None and not remeasure else None
+    if kept is not None and (spot_check is None or spot_check(kept)):
+        return kept
+    measured = measure()
+    value, loaded = (measured.value, measured.under_load) if isinstance(measured, Measured) else (measured, False)
+    if path is not None and loaded:
+        if notify is not None:
+            notify("measured under visible load (CPU busy): the figure serves this run but is not kept on disk")
+    elif path is not None:
+        keep_measurement(key_parts, value)
     return value
 
 
-def target_costs_for(model: Model, key_parts: list[str] | None, remeasure: bool = False) -> dict[int, float]:
-    """Measured (or cached) target pass costs for the sizes the budget considers."""
-    value = cached_measurement(
-        key_parts and [*key_parts, "target", *map(str, DEFAULT_TARGET_SIZES)],
-        lambda: {str(n): s for n, s in measure_target_costs(model, DEFAULT_TARGET_SIZES).items()},
-        remeasure,
-    )
+def keep_measurement(key_parts: list[str] | None, value: object) -> bool:
+    """Write a measurement where `cached_measurement` reads it; False when there is no key or the
+    cache is unwritable (that only costs a re-measurement next run)."""
+    path = _cache_path(key_parts)
+    if path is None:
+        return False
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"key": key_parts, "value": value}, indent=1))
+    except OSError:
+        return False
+    return True
+
+
+def _cache_path(key_parts: list[str] | None) -> Path | None:
+    if not key_parts:
+        return None
+    digest = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:16]
+    return profiles_dir() / f"{digest}.json"
+
+
+def _read_kept(path: Path) -> object | None:
+    """The kept value, or None when there is none or the file is damaged."""
+    try:
+        return json.loads(path.read_text())["value"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def target_cost_key(key_parts: list[str] | None) -> list[str] | None:
+    """The cache key of a model's target curve (None: not kept)."""
+    return key_parts and [*key_parts, "target", *map(str, DEFAULT_TARGET_SIZES)]
+
+
+def draft_step_key(key_parts: list[str] | None) -> list[str] | None:
+    """The cache key of a model's draft step (None: not kept)."""
+    return key_parts and [*key_parts, "draft-step"]
+
+
+def target_costs_for(
+    model: Model,
+    key_parts: list[str] | None,
+    remeasure: bool = False,
+    probe: LoadProbe | None = None,
+    notify: Callable[[str], None] | None = None,
+) -> dict[int, float]:
+    """Measured (or cached and spot-checked) target pass costs for the sizes the budget considers.
+
+    The spot check times one-token passes and compares them with the kept curve's t(1).
+    """
+    probe = probe or LoadProbe()
+    notify = notify or _silent
+
+    def measure() -> Measured:
+        costs, reading = probe.watch(lambda: measure_target_costs(model, DEFAULT_TARGET_SIZES), model)
+        return Measured({str(n): s for n, s in costs.items()}, under_load(reading))
+
+    def spot_check(kept: object) -> bool:
+        one_token = CostProfile({int(n): float(s) for n, s in kept.items()}).target_pass(1)
+        return spot_check_agrees(model, one_token, probe, notify, "target pass")
+
+    value = cached_measurement(target_cost_key(key_parts), measure, remeasure, spot_check, notify)
     return {int(n): float(s) for n, s in value.items()}
 
 
-def draft_step_for(model: Model, key_parts: list[str] | None, remeasure: bool = False) -> float:
-    """Measured (or cached) seconds of one draft step."""
-    return float(cached_measurement(key_parts and [*key_parts, "draft-step"], lambda: measure_draft_step(model), remeasure))
+def draft_step_for(
+    model: Model,
+    key_parts: list[str] | None,
+    remeasure: bool = False,
+    probe: LoadProbe | None = None,
+    notify: Callable[[str], None] | None = None,
+) -> float:
+    """Measured (or cached and spot-checked) seconds of one draft step."""
+    probe = probe or LoadProbe()
+    notify = notify or _silent
+
+    def measure() -> Measured:
+        step, reading = probe.watch(lambda: measure_draft_step(model), model)
+        return Measured(step, under_load(reading))
+
+    def spot_check(kept: object) -> bool:
+        return spot_check_agrees(model, float(kept), probe, notify, "draft step")
+
+    return float(cached_measurement(draft_step_key(key_parts), measure, remeasure, spot_check, notify))
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _silent(message: str) -> None:
+    """The default `notify`: say nothing."""
+
+
+class DuoPlanner:
+    """The budget of a Duo round, where drafting runs beside the target instead of before it.
+
+    While the target verifies, the draft process drafts about T_target / T_draft_token tokens for free
+    (DuoDecoding's hardware-aware budget: the draft finishes about when the target pass does). So a
+    round asks two questions:
+    - how many tokens to wait for when fewer are ready (after a rejection the draft starts again): the
+      sequential rule's gamma, since waiting is sequential drafting; none where drafting would not
+      pay even then; one in the first round, so the first tokens come about as fast as `ar`'s;
+    - how many of the ready tokens to verify: the chain prefix with the most expected tokens per
+      second of target pass, the cost curve being the one measured for this thread split.
+
+    Exactness: whether draft token j joins the round may depend on tokens 1..j-1 (their draft
+    confidences), never on token j itself: under sampling a rule that looked at the token it includes
+    would bias the rejection test (a chain cut where its tokens look unlikely is no longer drawn from q).
+    So token j counts with the online acceptance rate (alpha_first or alpha_next), and the confidences
+    of the tokens before it, scaled by an online calibration, give the chance that it is reached.
+    """
+
+    def __init__(self, profile: CostProfile, draft_step_seconds: float, max_gamma: int = 16, fixed_gamma: int | None = None) -> None:
+        self.profile = profile
+        self.draft_step_seconds = draft_step_seconds
+        self.policy = GammaPolicy(profile, draft_step_seconds, max_gamma, fixed_gamma)
+        self.reset()
+
+    @property
+    def max_gamma(self) -> int:
+        return self.policy.fixed_gamma or self.policy.max_gamma
+
+    def reset(self) -> None:
+        self.policy.reset()
+        self._predicted = 4.0  # discounted predicted and accepted draft tokens: calibration's evidence
+        self._accepted = 4.0
+        self.pass_seconds: list[tuple[int, float]] = []  # (tokens per pass, seconds): real round times
+
+    @property
+    def calibration(self) -> float:
+        """Accepted / predicted draft tokens so far (1 = the draft's confidences are honest)."""
+        return min(1.5, max(0.25, self._accepted / self._predicted))
+
+    def wait_for(self, first_round: bool) -> int:
+        """Draft tokens to wait for when the draft has fewer ready."""
+        if self.policy.fixed_gamma is not None:
+            return self.policy.fixed_gamma
+        if first_round:
+            return 1
+        first, later = self.policy.alpha_first, self.policy.alpha_next
+        gamma = best_gamma(first, self.profile, self.draft_step_seconds, self.max_gamma, later)
+        return gamma if self.policy._pays(gamma, first, later) else 0
+
+    def choose_chain(self, confidences: list[float]) -> tuple[int, float]:
+        """How many ready draft tokens to verify, and the accepted tokens that predicts.
+
+        confidences: the draft's probability of each ready token (in order)."""
+        ready = min(len(confidences), self.max_gamma)
+        if self.policy.fixed_gamma is not None:
+            gamma = min(ready, self.policy.fixed_gamma)
+            return gamma, self._predict(confidences[:gamma])
+        first, later = self.policy.alpha_first, self.policy.alpha_next
+        plain = (1.0 + DRAFT_MARGIN) / self.profile.target_pass(1)
+        reach, expected, best, best_rate = 1.0, 1.0, 0, plain
+        for j in range(1, ready + 1):
+            expected += reach * (first if j == 1 else later)  # token j counts at the online rate only
+            rate = expected / self.profile.target_pass(j + 1)
+            if rate > best_rate:
+                best, best_rate = j, rate
+            elif best:
+                break  # the gain of one more token falls from here on
+            reach *= min(0.99, confidences[j - 1] * self.calibration)  # token j's confidence only reaches token j + 1
+        return best, self._predict(confidences[:best])
+
+    def choose_alternatives(self, alternatives: list[int], probs: list[float], gamma: int, max_extra: int) -> list[int]:
+        """Other first tokens worth a node each (greedy rounds): one pays when the chance the target
+        picks it, times the round's rate, covers the growth of the pass."""
+        chosen: list[int] = []
+        nodes = gamma + 1
+        for token, prob in zip(alternatives[:max_extra], probs):
+            growth = self.profile.target_pass(nodes + 1) - self.profile.target_pass(nodes)
+            rate = 1.0 / self.profile.target_pass(nodes)
+            if min(0.99, prob * self.calibration) < rate * growth:
+                break
+            chosen.append(token)
+            nodes += 1
+        return chosen
+
+    def _predict(self, confidences: list[float]) -> float:
+        predicted, reach = 0.0, 1.0
+        for confidence in confidences:
+            reach *= min(0.99, confidence * self.calibration)
+            predicted += reach
+        return predicted
+
+    def observe(self, predicted: float, drafted: int, accepted: int) -> None:
+        """A verified round: online acceptance rates and the confidences' calibration learn from it."""
+        self.policy.observe(drafted, accepted)
+        if predicted > 0:
+            self._predicted = self._predicted * self.policy.discount + predicted
+            self._accepted = self._accepted * self.policy.discount + accepted
+
+    def observe_pass(self, tokens: int, seconds: float) -> None:
+        self.pass_seconds.append((tokens, seconds))
+
+    def describe(self) -> str:
+        """The costs behind the budget and the draft length they imply (for --verbose)."""
+        t1, t_draft = self.profile.target_pass(1), self.draft_step_seconds
+        hidden = next((g for g in range(1, 65) if g * t_draft >= self.profile.target_pass(g + 1)), 64)
+        return (
+            f"target pass {t1:.3f} s (1 token), {self.profile.target_pass(4):.3f} s (4), {self.profile.target_pass(8):.3f} s (8); "
+            f"draft step {t_draft:.3f} s beside it; the draft keeps pace for about {hidden} tokens per pass "
+            f"(gamma ~ T_target / T_draft); each round verifies the ready prefix with the most expected tokens per second, "
+            f"waiting for {self.wait_for(False)} token(s) when none are ready"
+        )

@@ -60,6 +60,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gamma", type=int, default=None, help="draft tokens per round (default: chosen from measured costs)")
     group.add_argument("--lenience", type=float, default=1.0, help="(0, 1]; < 1 accepts more drafts and is LOSSY (1 = exact)")
     group.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    group.add_argument("--verbose", action="store_true", help="print the budget chosen (costs, thread split, method) and why")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +161,14 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     _validate_early(options)
     pipe = load_pipeline(args)
+    pipe.verbose = args.verbose
+    try:
+        return _generate_each(pipe, prompts, options, args)
+    finally:
+        pipe.close()  # a Duo draft process never outlives the command
+
+
+def _generate_each(pipe, prompts: list[str], options: dict, args: argparse.Namespace) -> int:
     for prompt in prompts:
         stream = pipe.stream(prompt, **options)
         try:
@@ -191,6 +200,10 @@ def _report(result, as_json: bool) -> None:
     stats = result.stats
     acceptance = "" if stats.acceptance_rate is None else f", acceptance {stats.acceptance_rate:.0%}"
     gamma = "" if stats.gamma is None else f", gamma {stats.gamma} ({'auto' if stats.gamma_auto else 'fixed'})"
+    if stats.auto_rounds:
+        gamma += ", rounds by method: " + ", ".join(f"{name} {count}" for name, count in sorted(stats.auto_rounds.items(), key=lambda item: -item[1]))
+    if stats.fallback:
+        gamma += f", went on without its draft ({stats.fallback})"
     print(
         f"\n[{stats.method}] {stats.new_tokens} tokens in {stats.seconds:.2f} s ({stats.tokens_per_second:.2f} tok/s), "
         f"{stats.mean_accepted:.2f} tokens per target pass{acceptance}{gamma}, first token after {stats.ttft_seconds or 0:.2f} s, "

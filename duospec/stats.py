@@ -32,6 +32,8 @@ class GenerationStats:
     finish_reason: str = ""  # "eos", "length", "context" or "interrupted"
     gamma_auto: bool = True
     alpha_estimate: float | None = None
+    auto_rounds: dict = field(default_factory=dict)  # `auto`: rounds per method it chose
+    fallback: str = ""  # why a method went on without its draft (a lost draft process), if it did
     _start: float = field(default_factory=time.perf_counter, repr=False)
 
     def mark_first_token(self) -> None:
@@ -82,6 +84,8 @@ class GenerationStats:
             "accepted_tokens": self.accepted_tokens,
             "alpha_estimate": None if self.alpha_estimate is None else round(self.alpha_estimate, 4),
             "finish_reason": self.finish_reason,
+            **({"fallback": self.fallback} if self.fallback else {}),
+            **({"auto_rounds": dict(self.auto_rounds)} if self.auto_rounds else {}),
             "time_breakdown": {
                 "prefill": round(self.prefill_seconds, 4),
                 "draft": round(self.draft_seconds, 4),

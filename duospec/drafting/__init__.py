@@ -49,6 +49,7 @@ class MethodSpec:
     needs_draft_model: bool
     # make_drafter(draft_model_or_None, target_vocab_size) -> Drafter or None (plain autoregressive)
     make_drafter: Callable[[object | None, int], Drafter | None]
+    engine: str = "sequential"  # "sequential" (engines/sequential.py), "duo" (engines/duo.py) or "auto"
 
 
 def _no_drafter(draft_model: object | None, target_vocab: int) -> None:
@@ -67,12 +68,21 @@ def _lookup_drafter(draft_model: object | None, target_vocab: int) -> Drafter:
     return LookupDrafter()
 
 
+def _multiseq_drafter(draft_model: object | None, target_vocab: int) -> Drafter:
+    from duospec.drafting.multiseq import MultiSequenceDrafter
+
+    return MultiSequenceDrafter(draft_model, target_vocab_size=target_vocab)
+
+
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
         MethodSpec("ar", "autoregressive: one target pass per token (the baseline)", False, _no_drafter),
         MethodSpec("sd", "speculative decoding: a draft model proposes a chain of gamma tokens", True, _chain_drafter),
         MethodSpec("pld", "prompt lookup: copy what followed the last n-gram earlier in the context", False, _lookup_drafter),
+        MethodSpec("multiseq", "speculative decoding with DuoDecoding's multi-sequence drafts, verified as one tree", True, _multiseq_drafter),
+        MethodSpec("duo", "DuoDecoding: the draft drafts in its own process while the target verifies", True, _no_drafter, engine="duo"),
+        MethodSpec("auto", "the fastest of ar, sd, pld and duo here, from measured costs and online acceptance", False, _no_drafter, engine="auto"),
     )
 }
 METHOD_NAMES = frozenset(METHODS)

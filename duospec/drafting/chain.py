@@ -44,11 +44,36 @@ class ChainDrafter:
             self._context_len, self._fed_drafts = self._valid, 0  # feedback then keeps the cache as it is
             return TokenTree.chain(root)  # the draft's own context is full: let the target go on alone
         logits = self._catch_up(context)  # [1, V]: the draft's law after the root
-        tokens: list[torch.Tensor] = [root]
+        tokens, draft_rows = self._draft([root], logits, budget, sampling, generator)
+        self._context_len = len(context)
+        self._fed_drafts = max(0, len(tokens) - 2)  # the last draft token is fed next round, if accepted
+        if self.model.cache_len != self._context_len + self._fed_drafts:
+            raise RuntimeError("draft cache out of step with the context: a cache bug")
+        draft_probs = torch.cat(draft_rows) if draft_rows else None
+        return TokenTree.chain(torch.cat(tokens), draft_probs)
+
+    def _draft(
+        self,
+        tokens: list[torch.Tensor],
+        logits: torch.Tensor | None,
+        budget: DraftBudget,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+        confidence: float = 1.0,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Extend the chain `tokens` while the budget allows; return it and the law of each new token.
+
+        tokens: root first, each [1] int64; the draft cache holds every one of them but the last.
+        logits: [1, V] the draft's logits after tokens[-1] when the cache already holds it too, else None
+            (then tokens[-1] is fed only if another token is wanted, so a stopped chain costs no pass).
+        confidence: the draft's estimate that tokens[1:] are all accepted (what the budget's floors read).
+        Returns (tokens, draft_rows): draft_rows holds the warped law [1, V] of each new token when
+        sampling, nothing when greedy (a greedy draft is one-hot).
+        """
+        tokens = list(tokens)
         draft_rows: list[torch.Tensor] = []
-        confidence = 1.0  # the draft's own estimate that every token drafted so far is accepted
         while budget.allows(len(tokens) - 1, confidence):
-            if len(tokens) > 1:  # feed the previous draft token only now that another one is wanted
+            if logits is None:  # feed the previous draft token only now that another one is wanted
                 logits = self.model.forward(tokens[-1], last_only=True)
             logits = self._fit_vocab(logits)
             # Only a budget with confidence floors reads the confidence, and not after its last token.
@@ -63,14 +88,10 @@ class ChainDrafter:
                 draft_rows.append(probs)
                 chosen = probs[0, token[0]] if wants_confidence else None
             tokens.append(token)
+            logits = None
             if chosen is not None:
                 confidence *= float(chosen)  # a host sync, but the loop must decide whether to go on
-        self._context_len = len(context)
-        self._fed_drafts = max(0, len(tokens) - 2)  # the last draft token is fed next round, if accepted
-        if self.model.cache_len != self._context_len + self._fed_drafts:
-            raise RuntimeError("draft cache out of step with the context: a cache bug")
-        draft_probs = torch.cat(draft_rows) if draft_rows else None
-        return TokenTree.chain(torch.cat(tokens), draft_probs)
+        return tokens, draft_rows
 
     def feedback(self, verdict: Verdict) -> None:
         """The draft cache stays valid up to the root and the accepted drafts it was fed."""

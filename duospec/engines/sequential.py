@@ -40,10 +40,13 @@ def generate_tokens(
     policy: GammaPolicy | None,
     eos_ids: frozenset[int],
     stats: GenerationStats,
+    tracker=None,
 ) -> Iterator[list[int]]:
     """Yield the new tokens of each round until EOS, max_new_tokens or the context's end.
 
-    Sets stats.finish_reason when it ends; an interrupted consumer leaves it empty.
+    Sets stats.finish_reason when it ends; an interrupted consumer leaves it empty. tracker (a
+    costs.CostTracker) hears each round's real pass and draft-step times, so kept cost figures that
+    the machine contradicts get replaced (between requests, never during one).
     """
     sampling = request.sampling
     generator = steps.make_generator(sampling.seed, target.device)
@@ -75,10 +78,16 @@ def generate_tokens(
             tree = drafter.propose(progress.context, budget, sampling, draft_generator).to(target.device)
         else:
             tree = steps.root_only(progress.context, target.device)
-        stats.draft_seconds += time.perf_counter() - start
+        draft_seconds = time.perf_counter() - start
+        stats.draft_seconds += draft_seconds
 
         # 2-4. score, accept, keep
+        pass_start = stats.target_seconds
         logits = steps.score(target, tree, stats)
+        if tracker is not None:
+            tracker.target_pass(tree.n_nodes, stats.target_seconds - pass_start)
+            if proposed and tree.n_draft and _drafted_with_model(drafter):
+                tracker.draft_steps(tree.n_draft, draft_seconds)  # one draft pass per token (the root's included)
         verdict = steps.accept(tree, logits, request, generator, stats)
         steps.keep(target, verdict, progress)
         if proposed:
@@ -93,3 +102,8 @@ def generate_tokens(
         if reason:
             stats.finish(reason)
             return
+
+
+def _drafted_with_model(drafter: Drafter) -> bool:
+    """Whether the last proposal ran draft-model steps (auto's lookup rounds do not)."""
+    return getattr(drafter, "last_round_used_model", getattr(drafter, "model", None) is not None)

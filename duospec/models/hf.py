@@ -42,6 +42,14 @@ class HFModel:
     def cache_len(self) -> int:
         return self._cache_len
 
+    @property
+    def threads(self) -> int:
+        return torch.get_num_threads()
+
+    def set_threads(self, threads: int) -> None:
+        """Change torch's CPU threads (process-wide: the Duo engine gives the target fewer beside a draft)."""
+        torch.set_num_threads(threads)
+
     def reset(self) -> None:
         self.cache = new_cache(self.model.config, self.name)
         self._cache_len = 0

@@ -187,6 +187,11 @@ class LlamaCppModel:
         self._last_leaf: list[int] | None = None  # for a tree forward: a leaf sequence below each node
         self._last_parents: list[int] | None = None
 
+    def set_threads(self, threads: int) -> None:
+        """Change the threads of later passes (the Duo engine gives the target fewer beside a draft)."""
+        self._lib.llama_set_n_threads(self._ctx, threads, threads)
+        self.threads = threads
+
     # -- metadata ---------------------------------------------------------------------------------
     def metadata(self, key: str) -> str | None:
         """A GGUF metadata value as text (e.g. "general.name"), None when absent."""

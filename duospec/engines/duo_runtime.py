@@ -1,0 +1,176 @@
+"""What the Duo engine needs around it: the draft process, the thread split and the costs measured
+with both sides running together.
+
+The split is chosen from measurement, not assumed: for every candidate placement (engines/duo.py's
+`candidate_splits`) the target's pass costs are measured while the draft process drafts without end
+beside it, and the draft's step time while the target works; the placement whose predicted Duo rate is
+highest at a typical acceptance wins. The figures are kept on disk like the other costs (budget.py).
+The chosen process stays alive between requests; a lost one is restarted at the next request.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from duospec.budget import CostProfile, DuoPlanner, cached_measurement, expected_tokens, measure_target_costs
+from duospec.config import DuospecError, GenerationRequest
+from duospec.engines.draft_process import DraftFromSource, DraftObject, DraftProcess, DraftProcessLost, vocabulary_digest
+from duospec.engines.duo import ThreadSplit, candidate_splits, generate_duo, target_placement, warn_lost
+from duospec.stats import GenerationStats
+
+DUO_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)
+TYPICAL_ALPHA = 0.8  # the acceptance at which placements are compared (this model pair's usual range)
+
+
+@dataclass(frozen=True)
+class SplitCosts:
+    """Costs measured with target and draft running together in one placement."""
+
+    target_pass_seconds: dict[int, float]
+    draft_step_seconds: float
+
+    def predicted_rate(self, alpha: float = TYPICAL_ALPHA, max_gamma: int = 16) -> tuple[float, int]:
+        """Tokens per second of the best steady Duo round at acceptance alpha, and its gamma: a round
+        lasts as long as the slower side (the target's pass or the draft's gamma steps)."""
+        profile = CostProfile(self.target_pass_seconds)
+        best = (1.0 / profile.target_pass(1), 0)
+        for gamma in range(1, max_gamma + 1):
+            seconds = max(profile.target_pass(gamma + 1), gamma * self.draft_step_seconds)
+            best = max(best, (expected_tokens(alpha, gamma) / seconds, gamma))
+        return best
+
+
+class DuoRuntime:
+    """Owns the draft process of a pipeline's `duo` requests."""
+
+    def __init__(self, pipeline) -> None:
+        self.pipeline = pipeline
+        self.process: DraftProcess | None = None
+        self.split: ThreadSplit | None = None
+        self.costs: SplitCosts | None = None
+        self.report: list[str] = []  # how the split was chosen (for --verbose and the bench)
+
+    # -- setup ------------------------------------------------------------------------------------
+    def _factory(self, split: ThreadSplit):
+        pipe = self.pipeline
+        if pipe._draft is not None and pipe._draft_attached:
+            if pipe.draft_backend != "transformers":
+                raise DuospecError("duo needs a draft it can load in its own process; pass the draft as a source (--draft)")
+            return DraftObject(pipe._draft)
+        if pipe.draft_source is None:
+            raise DuospecError("duo needs a draft model; pass --draft (or draft=...) with a model that shares the target's tokenizer")
+        options = pipe._draft_load_options()
+        from dataclasses import replace
+
+        return DraftFromSource(
+            pipe.draft_source,
+            replace(options, threads=split.draft_threads),
+            name=pipe.draft_label,
+            target_vocabulary=vocabulary_digest(pipe.tokenizer),
+            target_name=pipe.target_source,
+        )
+
+    def _start(self, split: ThreadSplit) -> DraftProcess:
+        return DraftProcess(self._factory(split), self.pipeline.target.vocab_size, split.draft_cores, split.draft_threads)
+
+    def _measure(self, split: ThreadSplit, process: DraftProcess) -> SplitCosts:
+        """Target pass costs with the draft drafting beside it, and the draft's step meanwhile."""
+        process.busy()
+        process.step_times()  # drop the steps taken before the target started
+        with target_placement(self.pipeline.target, split):
+            target = measure_target_costs(self.pipeline.target, DUO_SIZES, repeats=3)
+        steps = sorted(process.step_times())
+        process.park()
+        if not steps:
+            raise DraftProcessLost("the draft process took no steps while the target was measured")
+        return SplitCosts(target, steps[len(steps) // 2])
+
+    def _cached_costs(self, split: ThreadSplit, process_holder: list) -> SplitCosts:
+        pipe = self.pipeline
+        identity = pipe.cost_key(pipe.target)
+        key = None if identity is None or pipe._draft_attached else [*identity, "duo", str(pipe.draft_label), split.key(), *map(str, DUO_SIZES)]
+
+        def measure() -> dict:
+            process = self._start(split)
+            process_holder.append(process)
+            costs = self._measure(split, process)
+            return {"target": {str(n): s for n, s in costs.target_pass_seconds.items()}, "draft_step": costs.draft_step_seconds}
+
+        value = cached_measurement(key, measure)
+        return SplitCosts({int(n): float(s) for n, s in value["target"].items()}, float(value["draft_step"]))
+
+    def prepare(self) -> tuple[DraftProcess | None, ThreadSplit, SplitCosts]:
+        """The draft process, its placement and its costs (measuring placements the first time)."""
+        if self.split is None:
+            self._choose_split()
+        if self.process is None or not self.process.alive:
+            try:
+                self.process = self._start(self.split)
+            except DraftProcessLost as error:
+                warn_lost(error)
+                self.process = None
+        return self.process, self.split, self.costs
+
+    def _choose_split(self) -> None:
+        pipe = self.pipeline
+        candidates = candidate_splits(pipe.target.device)
+        results: list[tuple[float, int, ThreadSplit, SplitCosts]] = []
+        started: list[DraftProcess] = []
+        try:
+            for split in candidates:
+                holder: list[DraftProcess] = []
+                try:
+                    costs = self._cached_costs(split, holder)
+                except DraftProcessLost as error:
+                    self.report.append(f"{split.label}: not measured ({error})")
+                    continue
+                finally:
+                    started.extend(holder)
+                rate, gamma = costs.predicted_rate()
+                results.append((rate, gamma, split, costs))
+        finally:
+            for process in started:
+                process.close()
+        if not results:
+            raise DraftProcessLost("no thread split could be measured: " + "; ".join(self.report))
+        rate, gamma, self.split, self.costs = max(results, key=lambda item: item[0])
+        self.report += [
+            f"{split.label}: target pass {costs.target_pass_seconds[1]:.3f} s (1 token) / {costs.target_pass_seconds[4]:.3f} s (4), "
+            f"draft step {costs.draft_step_seconds:.3f} s; predicted {rate_:.1f} tok/s at alpha {TYPICAL_ALPHA} (gamma {gamma_})"
+            for rate_, gamma_, split, costs in results
+        ]
+        self.report.append(f"chosen: {self.split.label}")
+
+    # -- generation -------------------------------------------------------------------------------
+    def planner(self, gamma: int | None) -> DuoPlanner:
+        assert self.costs is not None
+        return DuoPlanner(CostProfile(self.costs.target_pass_seconds), self.costs.draft_step_seconds, fixed_gamma=gamma)
+
+    def generate(self, prompt_ids: list[int], request: GenerationRequest, planner: DuoPlanner, stats: GenerationStats) -> Iterator[list[int]]:
+        """Duo's rounds with the target on its share of the machine; restores it afterwards."""
+        process, split, _ = self.prepare()
+        with target_placement(self.pipeline.target, split):
+            yield from generate_duo(self.pipeline.target, process, prompt_ids, request, planner, self.pipeline.eos_ids, stats, on_lost=self._lost)
+
+    def _lost(self, error: DraftProcessLost) -> None:
+        warn_lost(error)
+        if self.process is not None:
+            self.process.close()
+            self.process = None
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.close()
+            self.process = None
+
+
+def describe_choice(runtime: DuoRuntime, planner: DuoPlanner) -> str:
+    lines = ["duospec: duo thread split (measured with both sides running):", *(f"  {line}" for line in runtime.report)]
+    lines.append(f"duospec: duo budget: {planner.describe()}")
+    return "\n".join(lines)
+
+
+def print_choice(runtime: DuoRuntime, planner: DuoPlanner) -> None:
+    print(describe_choice(runtime, planner), file=sys.stderr)
