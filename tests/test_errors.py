@@ -29,7 +29,7 @@ def pipe():
         (dict(top_k=-1), "top_k must be an integer >= 0"),
         (dict(lenience=0.0), "lenience must be in (0, 1]"),
         (dict(lenience=1.2), "lenience must be in (0, 1]"),
-        (dict(method="beam"), "unknown method 'beam'; choose one of: ar, pld, sd"),
+        (dict(method="beam"), "unknown method 'beam'; choose one of: ar, auto, duo, multiseq, pld, sd"),
         (dict(gamma=0), "gamma (draft tokens per round) must be an integer in 1..64"),
         (dict(method="ar", lenience=0.5), "lenience only applies to speculative methods"),
     ],

@@ -106,6 +106,17 @@ def run_bench_command(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     run = {"methods": methods, "tasks": tasks, "limit": settings.limit, "questions": str(args.questions or "Spec-Bench (packaged)")}
     summary = write_report(out, records, collect_meta(pipeline_flags(pipe, settings), run, command))
+    if "duo" in methods:
+        from duospec.bench.timeline import write_timeline
+
+        from duospec.bench.methods import DecodeSettings
+
+        question = next(q for q in questions if q.task in tasks)
+        decode = DecodeSettings(settings.max_new_tokens, settings.temperature, settings.top_p, settings.top_k, settings.seed)
+        print(f"duospec: duo timeline of one answer: {write_timeline(out, pipe, pipe.encode(question.turns[0]), decode)}", file=sys.stderr)
+        if pipe.duo_runtime().report:
+            print("duospec: duo thread split:\n  " + "\n  ".join(pipe.duo_runtime().report), file=sys.stderr)
+    pipe.close()
     print(speedup_table(summary))
     print(f"\nreport: {out / 'report.md'} (with summary.json, results.jsonl and plots beside it)")
     full_limit = max(sum(1 for q in questions if q.task == task) for task in tasks)

@@ -138,6 +138,7 @@ class DraftProcess:
             self.process.start()
         child_conn.close()
         self.step_seconds: float | None = None
+        self.last_intervals: list[list[float]] = []
         reply = self._receive(LOAD_TIMEOUT_S, what="loading the draft model")
         if reply[:1] != _READY:
             self.close()
@@ -188,12 +189,15 @@ class DraftProcess:
         self._send(_PARK)
 
     def step_times(self) -> list[float]:
-        """Seconds of each single-token draft step since the last call (for cost tracking)."""
+        """Seconds of each single-token draft step since the last call (for cost tracking); the
+        (start, end) perf_counter times of every draft forward land in `last_intervals`."""
         self._send(_STEP_TIMES)
         reply = self._receive(self.timeout_s, what="reading draft step times")
         if reply[:1] != _TIMES:
             raise DraftProcessLost("the draft process answered a step-time request with something else")
-        return np.frombuffer(reply, dtype=np.float64, offset=1).tolist()
+        (count,) = struct.unpack("<q", reply[1:9])
+        self.last_intervals = np.frombuffer(reply, dtype=np.float64, offset=9 + 8 * count).reshape(-1, 2).tolist()
+        return np.frombuffer(reply, dtype=np.float64, count=count, offset=9).tolist()
 
     # -- lifetime ---------------------------------------------------------------------------------
     @property
@@ -309,6 +313,7 @@ class SpeculativeChain:
         self.confidences: list[float] = []
         self.tops: list[tuple[list[int], list[float]]] = []  # greedy: the ranked first tokens at each chain position
         self.step_seconds: list[float] = []
+        self.intervals: list[tuple[float, float]] = []  # (start, end) of every forward, for timelines
 
     def begin(self, prompt: list[int], sampling: SamplingConfig, seed: int | None) -> None:
         self.sampling = sampling
@@ -352,6 +357,7 @@ class SpeculativeChain:
         self.confidences.append(confidence)
         if len(pending) == 1:  # prefill and catch-up steps are not what a draft step costs
             self.step_seconds.append(time.perf_counter() - start)
+        self.intervals.append((start, time.perf_counter()))  # perf_counter is CLOCK_MONOTONIC: comparable across processes
 
     def commit(self, tokens: list[int]) -> None:
         """Keep the chain where it guessed the emitted tokens; otherwise crop back to the agreed prefix."""
@@ -481,8 +487,10 @@ def _serve(conn: Connection, factory, shared: SharedMemory, vocab_size: int) -> 
                     state.begin(filler, SamplingConfig(), 0)
                     drafting = busy = True
                 elif op == _STEP_TIMES:
-                    conn.send_bytes(_TIMES + np.asarray(state.step_seconds, dtype=np.float64).tobytes())
-                    state.step_seconds = []
+                    steps = np.asarray(state.step_seconds, dtype=np.float64)
+                    intervals = np.asarray(state.intervals, dtype=np.float64).reshape(-1)
+                    conn.send_bytes(_TIMES + struct.pack("<q", len(steps)) + steps.tobytes() + intervals.tobytes())
+                    state.step_seconds, state.intervals = [], []
             except Exception as error:  # noqa: BLE001 - a broken state is reported, then we stop
                 conn.send_bytes(_ERROR + _describe(error).encode())
                 return

@@ -123,10 +123,12 @@ def generate_duo(
     stats: GenerationStats,
     on_lost=None,
     max_sequences: int = 8,
+    timeline: list | None = None,
 ) -> Iterator[list[int]]:
     """Yield each round's new tokens, the draft drafting in its own process meanwhile.
 
     on_lost(error) is called once if the draft process is lost; the generation then goes on alone.
+    timeline, when a list, receives ("wait" | "target", start, end) perf_counter intervals (plots).
     """
     sampling = request.sampling
     generator = steps.make_generator(sampling.seed, target.device)
@@ -179,6 +181,8 @@ def generate_duo(
                 except DraftProcessLost as error:
                     lose(error)
             stats.draft_seconds += time.perf_counter() - start  # the target's wait for the draft
+            if timeline is not None:
+                timeline.append(("wait", start, time.perf_counter()))
             first_round = False
 
             # 2-4. score, accept, keep (the draft drafts on meanwhile)
@@ -187,6 +191,8 @@ def generate_duo(
             verdict = steps.accept(tree, logits, request, generator, stats)
             steps.keep(target, verdict, progress)
             planner.observe_pass(tree.n_nodes, time.perf_counter() - pass_start)
+            if timeline is not None:
+                timeline.append(("target", pass_start, time.perf_counter()))
             if draft is not None:
                 try:
                     draft.commit(verdict.tokens)

@@ -51,6 +51,7 @@ class DuoRuntime:
         self.split: ThreadSplit | None = None
         self.costs: SplitCosts | None = None
         self.report: list[str] = []  # how the split was chosen (for --verbose and the bench)
+        self.timeline: list | None = None  # set to a list to record the next generation's intervals
 
     # -- setup ------------------------------------------------------------------------------------
     def _factory(self, split: ThreadSplit):
@@ -152,7 +153,9 @@ class DuoRuntime:
         """Duo's rounds with the target on its share of the machine; restores it afterwards."""
         process, split, _ = self.prepare()
         with target_placement(self.pipeline.target, split):
-            yield from generate_duo(self.pipeline.target, process, prompt_ids, request, planner, self.pipeline.eos_ids, stats, on_lost=self._lost)
+            yield from generate_duo(
+                self.pipeline.target, process, prompt_ids, request, planner, self.pipeline.eos_ids, stats, on_lost=self._lost, timeline=self.timeline
+            )
 
     def _lost(self, error: DraftProcessLost) -> None:
         warn_lost(error)

@@ -1,0 +1,98 @@
+"""`--method auto` and `duo` through the Pipeline: identity with `ar`, the choice and its report, cleanup.
+
+Tiny float32 models; `duo` runs a real spawned draft process. The choice between duo and the in-process
+methods is tested with injected split costs (the rule, not this machine's timing, is what is checked).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import pytest
+import torch
+
+from duospec.engines.duo import ThreadSplit
+from duospec.engines.duo_runtime import SplitCosts
+from tiny_models import perturbed, tiny_model, tiny_pipeline
+
+PROMPT = [5, 9, 13, 2, 7, 11, 5, 9, 13]  # repeats, so prompt lookup finds matches
+
+SLOW_DUO = SplitCosts({1: 1.0, 2: 2.0, 4: 4.0, 8: 8.0}, 1.0)  # promises 1 tok/s
+FAST_DUO = SplitCosts({1: 1e-5, 2: 1e-5, 4: 1e-5, 8: 1e-5, 16: 1e-5}, 1e-6)  # promises far more than anything in-process
+SPLIT = ThreadSplit(1, 1, None, None)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    target = tiny_model(0).float()
+    pipeline = tiny_pipeline(target, perturbed(target, 0.05, 1).float())
+    yield pipeline
+    pipeline.close()
+
+
+def _inject(pipeline, costs: SplitCosts) -> None:
+    runtime = pipeline.duo_runtime()
+    runtime.split, runtime.costs = SPLIT, costs
+    runtime.report = ["injected by the test"]
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 7, 40])
+def test_auto_in_process_equals_ar(pipe, max_new_tokens):
+    _inject(pipe, SLOW_DUO)
+    reference = pipe.generate(PROMPT, method="ar", max_new_tokens=max_new_tokens).token_ids
+    result = pipe.generate(PROMPT, method="auto", max_new_tokens=max_new_tokens)
+    assert result.token_ids == reference
+    assert result.stats.method == "auto"  # duo promised less: not chosen
+    if max_new_tokens > 1:
+        # every round that could draft says what ran (a round with room for no draft token asks nobody)
+        assert 0 < sum(result.stats.auto_rounds.values()) <= result.stats.target_passes - 1
+        assert set(result.stats.auto_rounds) <= {"ar", "sd", "pld"}
+
+
+def test_auto_picks_duo_where_its_measured_costs_promise_more(pipe, capsys):
+    _inject(pipe, FAST_DUO)
+    pipe.verbose = True
+    try:
+        reference = pipe.generate(PROMPT, method="ar", max_new_tokens=30).token_ids
+        result = pipe.generate(PROMPT, method="auto", max_new_tokens=30)
+    finally:
+        pipe.verbose = False
+    assert result.stats.method == "auto:duo"
+    assert result.token_ids == reference
+    err = capsys.readouterr().err
+    assert "auto: duo promises" in err and "duo budget" in err
+
+
+def test_duo_through_the_pipeline_equals_ar_and_reports_json(pipe):
+    _inject(pipe, FAST_DUO)
+    reference = pipe.generate(PROMPT, method="ar", max_new_tokens=25)
+    result = pipe.generate(PROMPT, method="duo", max_new_tokens=25)
+    assert result.token_ids == reference.token_ids
+    record = result.to_dict()
+    assert record["method"] == "duo" and "fallback" not in record
+
+
+def test_sampled_duo_respects_the_request_and_its_seed_range(pipe):
+    _inject(pipe, FAST_DUO)
+    result = pipe.generate(PROMPT, method="duo", max_new_tokens=20, temperature=0.8, seed=3)
+    assert 1 <= result.stats.new_tokens <= 20
+    assert all(0 <= token < pipe.target.vocab_size for token in result.token_ids)
+
+
+def test_close_leaves_no_child_process(pipe):
+    _inject(pipe, FAST_DUO)
+    pipe.generate(PROMPT, method="duo", max_new_tokens=5)
+    process = pipe.duo_runtime().process
+    assert process is not None and process.alive
+    pipe.close()
+    assert not process.alive
+    assert not [child for child in multiprocessing.active_children() if child.name == "duospec-draft"]
+
+
+def test_duo_without_a_draft_is_a_clear_error():
+    from duospec.config import DuospecError
+
+    pipeline = tiny_pipeline(tiny_model(0).float())
+    with pytest.raises(DuospecError, match="needs a draft"):
+        pipeline.generate(PROMPT, method="duo", max_new_tokens=5)
