@@ -448,7 +448,7 @@ class DuoPlanner:
     @property
     def calibration(self) -> float:
         """Accepted / predicted draft tokens so far (1 = the draft's confidences are honest)."""
-        return min(1.5, max(0.25, self._accepted / self._predicted))
+        return min(3.0, max(0.25, self._accepted / self._predicted))
 
     def wait_for(self, first_round: bool) -> int:
         """Draft tokens to wait for when the draft has fewer ready."""

@@ -18,3 +18,15 @@ def _measured_costs_stay_in_a_temporary_directory(tmp_path_factory: pytest.TempP
     duospec.budget.profiles_dir = lambda: directory
     yield
     duospec.budget.profiles_dir = original
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_draft_process_survives_the_suite():
+    """Every test that starts a Duo draft process must stop it; a survivor fails the run here."""
+    yield
+    import multiprocessing
+
+    survivors = [child for child in multiprocessing.active_children() if child.name == "duospec-draft"]
+    for child in survivors:
+        child.kill()
+    assert not survivors, f"{len(survivors)} draft process(es) outlived their tests"

@@ -48,6 +48,7 @@ _READY, _DRAFT, _TIMES, _ERROR = b"r", b"d", b"t", b"e"
 
 MAX_SEQUENCES = 8  # DuoDecoding's cap on sequences per round, the main one included
 MAX_CHAIN = 64  # draft tokens the child keeps ahead at most (and rows of the shared probability buffer)
+PREFILL_SECONDS_PER_TOKEN = 0.02  # a 0.5B draft on one slow core prefills ~200 tokens/s; 0.02 allows 4x slower
 LOAD_TIMEOUT_S = 600.0  # loading a draft may convert a checkpoint the first time
 
 
@@ -138,6 +139,8 @@ class DraftProcess:
             self.process.start()
         child_conn.close()
         self.step_seconds: float | None = None
+        self._unfed = 0
+        self._broken = ""  # why the process was lost, once it was
         self.last_intervals: list[list[float]] = []
         reply = self._receive(LOAD_TIMEOUT_S, what="loading the draft model")
         if reply[:1] != _READY:
@@ -151,10 +154,12 @@ class DraftProcess:
         """Start a new sequence: the child resets and prefills the prompt while the target does."""
         header = struct.pack("<dqdqq", sampling.temperature, sampling.top_k, sampling.top_p, -1 if seed is None else seed, int(seed is not None))
         self._send(_BEGIN + header + _ints(prompt_ids))
+        self._unfed = len(prompt_ids)  # the next reply may wait for the child's prefill of all of them
 
     def commit(self, tokens: list[int]) -> None:
         """The tokens the target emitted after the last chain's root (accepted drafts + its own token)."""
         self._send(_COMMIT + _ints(tokens))
+        self._unfed += len(tokens)
 
     def take(self, min_tokens: int, max_tokens: int, sampled: bool, max_sequences: int = 1) -> ChainReply:
         """The chain's first tokens: at least min_tokens (the child drafts them if it has fewer) unless
@@ -164,7 +169,11 @@ class DraftProcess:
         min_tokens = max(0, min(min_tokens, max_tokens))
         self._send(_TAKE + struct.pack("<qqq", min_tokens, max_tokens, max_sequences))
         step = self.step_seconds or 0.05
-        reply = self._receive(self.timeout_s + 4 * step * min_tokens, what="waiting for a draft")
+        # A hang is a reply later than the deadline plus the drafting asked for, plus a prompt the
+        # child may still be prefilling (PREFILL_SECONDS_PER_TOKEN is generous for a CPU draft).
+        allowance = self.timeout_s + 4 * step * min_tokens + PREFILL_SECONDS_PER_TOKEN * self._unfed
+        self._unfed = 0
+        reply = self._receive(allowance, what="waiting for a draft")
         if reply[:1] != _DRAFT:
             raise DraftProcessLost("the draft process answered a draft request with something else")
         (count,) = struct.unpack("<q", reply[1:9])
@@ -236,12 +245,23 @@ class DraftProcess:
 
     # -- wire -----------------------------------------------------------------------------------
     def _send(self, message: bytes) -> None:
+        if self._broken:
+            # A request that timed out may still be answered later: every reply after it would be one
+            # behind (and pair tokens with another request's probability rows). Never talk again.
+            raise DraftProcessLost(f"the draft process was lost earlier ({self._broken})")
         try:
             self._conn.send_bytes(message)
         except (OSError, ValueError) as error:
             raise DraftProcessLost(f"the draft process is gone ({error})") from error
 
     def _receive(self, timeout_s: float, what: str) -> bytes:
+        try:
+            return self._receive_once(timeout_s, what)
+        except DraftProcessLost as error:
+            self._broken = str(error)
+            raise
+
+    def _receive_once(self, timeout_s: float, what: str) -> bytes:
         deadline = time.monotonic() + timeout_s
         while True:
             left = deadline - time.monotonic()

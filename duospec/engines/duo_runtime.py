@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from duospec.budget import CostProfile, DuoPlanner, cached_measurement, expected_tokens, measure_target_costs
+from duospec.budget import CostProfile, DuoPlanner, Measured, cached_measurement, expected_tokens, keep_measurement, measure_target_costs
 from duospec.config import DuospecError, GenerationRequest
+from duospec.costs import CostTracker, corrected_draft_step, corrected_target_costs, under_load
 from duospec.engines.draft_process import DraftFromSource, DraftObject, DraftProcess, DraftProcessLost, vocabulary_digest
 from duospec.engines.duo import ThreadSplit, candidate_splits, generate_duo, target_placement, warn_lost
 from duospec.stats import GenerationStats
@@ -52,6 +53,8 @@ class DuoRuntime:
         self.costs: SplitCosts | None = None
         self.report: list[str] = []  # how the split was chosen (for --verbose and the bench)
         self.timeline: list | None = None  # set to a list to record the next generation's intervals
+        self.tracker = CostTracker()  # real pass and step times of duo requests, for the split's costs
+        self._keys: dict[ThreadSplit, list[str] | None] = {}
 
     # -- setup ------------------------------------------------------------------------------------
     def _factory(self, split: ThreadSplit):
@@ -63,8 +66,6 @@ class DuoRuntime:
         if pipe.draft_source is None:
             raise DuospecError("duo needs a draft model; pass --draft (or draft=...) with a model that shares the target's tokenizer")
         options = pipe._draft_load_options()
-        from dataclasses import replace
-
         return DraftFromSource(
             pipe.draft_source,
             replace(options, threads=split.draft_threads),
@@ -76,30 +77,37 @@ class DuoRuntime:
     def _start(self, split: ThreadSplit) -> DraftProcess:
         return DraftProcess(self._factory(split), self.pipeline.target.vocab_size, split.draft_cores, split.draft_threads)
 
-    def _measure(self, split: ThreadSplit, process: DraftProcess) -> SplitCosts:
-        """Target pass costs with the draft drafting beside it, and the draft's step meanwhile."""
+    def _measure(self, split: ThreadSplit, process: DraftProcess) -> tuple[SplitCosts, bool]:
+        """Target pass costs with the draft drafting beside it, and the draft's step meanwhile; and
+        whether the machine was visibly busy with something else meanwhile (then it is not kept)."""
+        target_model = self.pipeline.target
         process.busy()
         process.step_times()  # drop the steps taken before the target started
-        with target_placement(self.pipeline.target, split):
-            target = measure_target_costs(self.pipeline.target, DUO_SIZES, repeats=3)
+        with target_placement(target_model, split):
+            target, reading = self.pipeline.load_probe.watch(lambda: measure_target_costs(target_model, DUO_SIZES, repeats=3), target_model)
         steps = sorted(process.step_times())
         process.park()
         if not steps:
             raise DraftProcessLost("the draft process took no steps while the target was measured")
-        return SplitCosts(target, steps[len(steps) // 2])
+        if split.target_cores is None:
+            # Sharing cores with the draft is this placement's own contention, not outside load: only
+            # the load average may say the machine was busy.
+            reading = replace(reading, cpu_bound=False)
+        return SplitCosts(target, steps[len(steps) // 2]), under_load(reading)
 
     def _cached_costs(self, split: ThreadSplit, process_holder: list) -> SplitCosts:
         pipe = self.pipeline
         identity = pipe.cost_key(pipe.target)
         key = None if identity is None or pipe._draft_attached else [*identity, "duo", str(pipe.draft_label), split.key(), *map(str, DUO_SIZES)]
 
-        def measure() -> dict:
+        def measure() -> Measured:
             process = self._start(split)
             process_holder.append(process)
-            costs = self._measure(split, process)
-            return {"target": {str(n): s for n, s in costs.target_pass_seconds.items()}, "draft_step": costs.draft_step_seconds}
+            costs, loaded = self._measure(split, process)
+            return Measured(_as_json(costs), loaded)
 
-        value = cached_measurement(key, measure)
+        self._keys[split] = key
+        value = cached_measurement(key, measure, notify=self.pipeline._note)
         return SplitCosts({int(n): float(s) for n, s in value["target"].items()}, float(value["draft_step"]))
 
     def prepare(self) -> tuple[DraftProcess | None, ThreadSplit, SplitCosts]:
@@ -112,6 +120,8 @@ class DuoRuntime:
             except DraftProcessLost as error:
                 warn_lost(error)
                 self.process = None
+        if self.process is not None and self.costs is not None:
+            self.process.step_seconds = self.costs.draft_step_seconds  # what a take's deadline allows per token
         return self.process, self.split, self.costs
 
     def _choose_split(self) -> None:
@@ -152,10 +162,40 @@ class DuoRuntime:
     def generate(self, prompt_ids: list[int], request: GenerationRequest, planner: DuoPlanner, stats: GenerationStats) -> Iterator[list[int]]:
         """Duo's rounds with the target on its share of the machine; restores it afterwards."""
         process, split, _ = self.prepare()
-        with target_placement(self.pipeline.target, split):
-            yield from generate_duo(
-                self.pipeline.target, process, prompt_ids, request, planner, self.pipeline.eos_ids, stats, on_lost=self._lost, timeline=self.timeline
-            )
+        try:
+            with target_placement(self.pipeline.target, split):
+                yield from generate_duo(
+                    self.pipeline.target, process, prompt_ids, request, planner, self.pipeline.eos_ids, stats, on_lost=self._lost, timeline=self.timeline
+                )
+        finally:
+            self._track(planner)
+
+    def _track(self, planner: DuoPlanner) -> None:
+        """Feed the request's real pass and step times to the tracker; replace the split's kept costs
+        where they disagree (from the next request on: this one's planner keeps its profile)."""
+        for tokens, seconds in planner.pass_seconds:
+            self.tracker.target_pass(tokens, seconds)
+        if self.process is not None and self.timeline is None:
+            try:
+                for seconds in self.process.step_times():
+                    self.tracker.draft_steps(1, seconds)
+            except DraftProcessLost:
+                pass
+        if self.costs is None:
+            return
+        target = corrected_target_costs(CostProfile(self.costs.target_pass_seconds), self.tracker)
+        step = corrected_draft_step(self.costs.draft_step_seconds, self.tracker)
+        if target is None and step is None:
+            return
+        old = self.costs
+        self.costs = SplitCosts(target or old.target_pass_seconds, step if step is not None else old.draft_step_seconds)
+        kept = keep_measurement(self._keys.get(self.split), _as_json(self.costs))
+        self.pipeline._note(
+            f"duo costs corrected from real rounds: target t(1) {old.target_pass_seconds[min(old.target_pass_seconds)]:.3f} -> "
+            f"{self.costs.target_pass_seconds[min(self.costs.target_pass_seconds)]:.3f} s, draft step {old.draft_step_seconds:.3f} -> "
+            f"{self.costs.draft_step_seconds:.3f} s{', kept on disk' if kept else ''}"
+        )
+        self.tracker = CostTracker()
 
     def _lost(self, error: DraftProcessLost) -> None:
         warn_lost(error)
@@ -167,6 +207,10 @@ class DuoRuntime:
         if self.process is not None:
             self.process.close()
             self.process = None
+
+
+def _as_json(costs: SplitCosts) -> dict:
+    return {"target": {str(n): s for n, s in costs.target_pass_seconds.items()}, "draft_step": costs.draft_step_seconds}
 
 
 def describe_choice(runtime: DuoRuntime, planner: DuoPlanner) -> str:
