@@ -30,14 +30,16 @@ from duospec.cli import main
 from duospec.config import DuospecError
 from duospec.drafting import METHODS, MethodSpec
 
-ALL_METHODS = ("ar", "sd", "pld", "hf-ar", "hf-assisted", "hf-pld")
+ALL_METHODS = ("ar", "sd", "pld", "multiseq", "duo", "auto", "hf-ar", "hf-assisted", "hf-pld")
 MAX_NEW_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
 def pipe():
     with one_thread():
-        yield tiny_pipeline()
+        pipeline = tiny_pipeline()
+        yield pipeline
+        pipeline.close()  # the duo method's draft process
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +256,7 @@ def test_unknown_method_and_a_draft_method_without_a_draft_are_refused():
         resolve_methods(["sd", "nope"], has_draft=True)
     with pytest.raises(DuospecError, match=r"method sd, hf-assisted needs a draft model"):
         resolve_methods(["sd", "hf-assisted"], has_draft=False)
-    assert resolve_methods(None, has_draft=False) == ["ar", "pld", "hf-ar", "hf-pld"]  # not an error: left out
+    assert resolve_methods(None, has_draft=False) == ["ar", "pld", "auto", "hf-ar", "hf-pld"]  # not an error: left out
     assert "llama-ar" not in resolve_methods(None, has_draft=True)  # no GGUF target: left out, not an error
     with pytest.raises(DuospecError, match="GGUF"):
         resolve_methods(["llama-pld"], has_draft=True, has_gguf=False)

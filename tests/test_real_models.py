@@ -83,6 +83,26 @@ def test_float32_greedy_identity(float32_pipe):
     assert accepted > 0  # drafts really were accepted (else cache keeping was never exercised)
 
 
+@pytest.mark.slow  # the duo draft process loads the float32 draft and measures its thread split first
+def test_float32_duo_multiseq_and_auto_equal_ar(float32_pipe):
+    """The real pair in float32: duo (draft in its own process, fixed and measured budgets),
+    multi-sequence trees and auto give ar's tokens exactly."""
+    pipe = float32_pipe
+    accepted = 0
+    try:
+        for prompt in PROMPTS[:2]:
+            ids = pipe.encode(prompt)
+            ar = pipe.generate(ids, method="ar", max_new_tokens=24)
+            for method, gamma in (("duo", 3), ("duo", None), ("multiseq", 4), ("auto", None)):
+                other = pipe.generate(ids, method=method, max_new_tokens=24, gamma=gamma)
+                assert other.token_ids == ar.token_ids, (method, gamma, prompt)
+                assert not other.stats.fallback, other.stats.fallback
+                accepted += other.stats.accepted_tokens
+    finally:
+        pipe.close()
+    assert accepted > 0
+
+
 def first_divergence_margin(float32_pipe, prompt_ids: list[int], ids_a: list[int], ids_b: list[int]) -> tuple[int, float, bool]:
     """(position, |logit gap| of the two chosen tokens in float32, whether they are float32's top two)."""
     position = next(i for i, (a, b) in enumerate(zip(ids_a, ids_b)) if a != b)
@@ -145,9 +165,11 @@ def test_llama_cpp_greedy_methods_equal_ar_up_to_near_ties(llama_pipe):
     for prompt in PROMPTS[:3]:
         ids = llama_pipe.encode(prompt)
         ar = llama_pipe.generate(ids, method="ar", max_new_tokens=40)
-        for method, gamma in (("sd", None), ("sd", 4), ("pld", None)):
+        for method, gamma in (("sd", None), ("sd", 4), ("pld", None), ("multiseq", 4), ("duo", 3), ("auto", None)):
             other = llama_pipe.generate(ids, method=method, max_new_tokens=40, gamma=gamma)
             accepted += other.stats.accepted_tokens
+            assert not other.stats.fallback, other.stats.fallback
             verdict = divergence(llama_pipe, ids, ar.token_ids, other.token_ids)
             assert verdict.position is None or verdict.is_near_tie, (method, gamma, prompt, verdict)
+    llama_pipe.close()
     assert accepted > 0

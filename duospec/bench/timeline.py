@@ -32,25 +32,30 @@ def record_duo_timeline(pipe, prompt_ids: list[int], settings: DecodeSettings) -
     return {
         "split": runtime.split.label if runtime.split else None,
         "new_tokens": result.stats.new_tokens,
+        "prefill": [(s - origin, e - origin) for kind, s, e in events if kind == "prefill"],
         "target": [(s - origin, e - origin) for kind, s, e in events if kind == "target"],
         "wait": [(s - origin, e - origin) for kind, s, e in events if kind == "wait" and e - s > 1e-4],
         "draft": [(s - origin, e - origin) for s, e in draft if s <= last],
     }
 
 
-def plot_timeline(path: Path, timeline: dict, seconds: float | None = 4.0) -> Path:
-    """Horizontal bars per side for the first `seconds` of the answer."""
+def plot_timeline(path: Path, timeline: dict, seconds: float = 3.0) -> Path:
+    """Horizontal bars per side: the prompt's prefill, then `seconds` of decoding rounds."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(10, 2.8))
     axes = figure.add_subplot()
-    rows = [("draft process: drafting", timeline["draft"], "tab:orange"), ("target: verifying", timeline["target"], "tab:blue"), ("target: waiting for the draft", timeline["wait"], "tab:red")]
+    rows = [
+        ("draft process: drafting", timeline["draft"], "tab:orange"),
+        ("target: prefill, verifying", timeline.get("prefill", []) + timeline["target"], "tab:blue"),
+        ("target: waiting for the draft", timeline["wait"], "tab:red"),
+    ]
+    end = (timeline["target"][0][0] if timeline["target"] else 0.0) + seconds
     for row, (label, spans, color) in enumerate(rows):
-        shown = [(s, e - s) for s, e in spans if seconds is None or s < seconds]
-        axes.broken_barh(shown, (row - 0.35, 0.7), color=color)
+        shown = [(s, min(e, end) - s) for s, e in spans if s < end]
+        axes.broken_barh(shown, (row - 0.35, 0.7), color=color, edgecolor="white", linewidth=0.3)
     axes.set_yticks(range(len(rows)), [label for label, _, _ in rows])
-    if seconds is not None:
-        axes.set_xlim(0, seconds)
+    axes.set_xlim(0, end)
     axes.set_xlabel("seconds since the prompt was sent")
     axes.set_title(f"duo, one answer ({timeline['new_tokens']} tokens); {timeline['split']}", fontsize=9)
     figure.tight_layout()

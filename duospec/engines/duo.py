@@ -148,7 +148,10 @@ def generate_duo(
                 draft.begin(prompt_ids, sampling, steps.derived_seed(sampling.seed, 2))
             except DraftProcessLost as error:
                 lose(error)
+        prefill_start = time.perf_counter()
         first_token = steps.prefill(target, prompt_ids, sampling, generator, stats)
+        if timeline is not None:
+            timeline.append(("prefill", prefill_start, time.perf_counter()))
         progress = steps.Progress([*prompt_ids, first_token], 1, target.max_context or (len(prompt_ids) + request.max_new_tokens + 1))
         if draft is not None:
             try:

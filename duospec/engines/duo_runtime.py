@@ -11,6 +11,7 @@ The chosen process stays alive between requests; a lost one is restarted at the 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -54,6 +55,7 @@ class DuoRuntime:
         self.report: list[str] = []  # how the split was chosen (for --verbose and the bench)
         self.timeline: list | None = None  # set to a list to record the next generation's intervals
         self.tracker = CostTracker()  # real pass and step times of duo requests, for the split's costs
+        self.measured: dict[ThreadSplit, SplitCosts] = {}  # every placement's costs, to re-decide with
         self._keys: dict[ThreadSplit, list[str] | None] = {}
 
     # -- setup ------------------------------------------------------------------------------------
@@ -82,7 +84,7 @@ class DuoRuntime:
         whether the machine was visibly busy with something else meanwhile (then it is not kept)."""
         target_model = self.pipeline.target
         process.busy()
-        process.step_times()  # drop the steps taken before the target started
+        _wait_for_steady_drafting(process)
         with target_placement(target_model, split):
             target, reading = self.pipeline.load_probe.watch(lambda: measure_target_costs(target_model, DUO_SIZES, repeats=3), target_model)
         steps = sorted(process.step_times())
@@ -146,6 +148,7 @@ class DuoRuntime:
                 process.close()
         if not results:
             raise DraftProcessLost("no thread split could be measured: " + "; ".join(self.report))
+        self.measured = {split: costs for _, _, split, costs in results}
         rate, gamma, self.split, self.costs = max(results, key=lambda item: item[0])
         self.report += [
             f"{split.label}: target pass {costs.target_pass_seconds[1]:.3f} s (1 token) / {costs.target_pass_seconds[4]:.3f} s (4), "
@@ -190,12 +193,24 @@ class DuoRuntime:
         old = self.costs
         self.costs = SplitCosts(target or old.target_pass_seconds, step if step is not None else old.draft_step_seconds)
         kept = keep_measurement(self._keys.get(self.split), _as_json(self.costs))
+        self.measured[self.split] = self.costs
         self.pipeline._note(
             f"duo costs corrected from real rounds: target t(1) {old.target_pass_seconds[min(old.target_pass_seconds)]:.3f} -> "
             f"{self.costs.target_pass_seconds[min(self.costs.target_pass_seconds)]:.3f} s, draft step {old.draft_step_seconds:.3f} -> "
             f"{self.costs.draft_step_seconds:.3f} s{', kept on disk' if kept else ''}"
         )
         self.tracker = CostTracker()
+        self._redecide()
+
+    def _redecide(self) -> None:
+        """After a correction, move to another placement if it now promises more (next request)."""
+        if len(self.measured) < 2 or self.split is None:
+            return
+        best = max(self.measured, key=lambda split: self.measured[split].predicted_rate()[0])
+        if best != self.split:
+            self.pipeline._note(f"duo moves to {best.label}: the real rounds of {self.split.label} were slower than measured")
+            self.close()
+            self.split, self.costs = best, self.measured[best]
 
     def _lost(self, error: DraftProcessLost) -> None:
         warn_lost(error)
@@ -207,6 +222,16 @@ class DuoRuntime:
         if self.process is not None:
             self.process.close()
             self.process = None
+
+
+def _wait_for_steady_drafting(process: DraftProcess, steps: int = 3, timeout_s: float = 60.0) -> None:
+    """Until the draft takes single-token steps: its filler prefill is a large batch that would make
+    the target's first measured passes look slower than they are beside a drafting draft."""
+    deadline = time.monotonic() + timeout_s
+    seen = 0
+    while seen < steps and time.monotonic() < deadline:
+        time.sleep(0.2)
+        seen += len(process.step_times())
 
 
 def _as_json(costs: SplitCosts) -> dict:
