@@ -46,7 +46,6 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from duospec.budget import CostProfile, DuoPlanner
 from duospec.config import GenerationRequest, SamplingConfig
@@ -58,6 +57,7 @@ from duospec.models.hf import HFModel
 from duospec.sampling import warp_probs
 from duospec.stats import GenerationStats
 from tiny_models import perturbed, tiny_model
+from law_checks import goodness_of_fit
 
 METHOD = "duo" if "duo" in METHOD_NAMES else "sd"  # the engine does not read request.method
 
@@ -414,19 +414,6 @@ def exact_law(model, prompt: list[int], sampling: SamplingConfig, length: int) -
         law = (law[:, None] * probs).reshape(-1)  # index i * V + v: prefix i, then token v
         prefixes = torch.cat([prefixes.repeat_interleave(VOCAB, 0), torch.arange(VOCAB).repeat(len(prefixes))[:, None]], dim=1)
     return (law / law.sum()).view([VOCAB] * length)
-
-
-def goodness_of_fit(counts: torch.Tensor, law: torch.Tensor) -> float:
-    """Chi-square p-value, pooling cells expected below 5 counts into one (the test's validity rule)."""
-    expected = (law * counts.sum()).flatten()
-    observed = counts.double().flatten()
-    small = expected < 5
-    expected = torch.cat([expected[~small], expected[small].sum().view(1)])
-    observed = torch.cat([observed[~small], observed[small].sum().view(1)])
-    if expected[-1] == 0:
-        assert observed[-1] == 0, "tokens outside the warped target's support were emitted"
-        expected, observed = expected[:-1], observed[:-1]
-    return float(chisquare(observed.numpy(), expected.numpy()).pvalue)
 
 
 def test_sampled_duo_follows_the_target_law():

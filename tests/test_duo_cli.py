@@ -83,9 +83,15 @@ def _running(pid: int) -> bool:
     return state != "Z"
 
 
-def _start_long_duo(checkpoints, tmp_path) -> subprocess.Popen:
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache for this module's subprocesses: the thread split is measured by the first only."""
+    return tmp_path_factory.mktemp("duo-cache")
+
+
+def _start_long_duo(checkpoints, cache: Path) -> subprocess.Popen:
     target, draft = checkpoints
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DUOSPEC_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DUOSPEC_CACHE": str(cache)}
     return subprocess.Popen(
         [sys.executable, "-m", "duospec", "generate", "w1 w2 w3", "--method", "duo", "--max-new-tokens", "100000",
          "--no-chat", "--target", str(target), "--draft", str(draft), "--dtype", "float32"],
@@ -115,8 +121,8 @@ def _assert_gone(pids: list[int]) -> None:
     assert not [pid for pid in pids if _running(pid)], "a draft process survived"
 
 
-def test_ctrl_c_stops_duo_and_its_draft_process(checkpoints, tmp_path):
-    process = _start_long_duo(checkpoints, tmp_path)
+def test_ctrl_c_stops_duo_and_its_draft_process(checkpoints, cache_dir):
+    process = _start_long_duo(checkpoints, cache_dir)
     try:
         drafts = _wait_for_generation(process)
         process.send_signal(signal.SIGINT)
@@ -129,8 +135,8 @@ def test_ctrl_c_stops_duo_and_its_draft_process(checkpoints, tmp_path):
         process.wait(timeout=30)
 
 
-def test_killing_the_main_process_takes_the_draft_process_with_it(checkpoints, tmp_path):
-    process = _start_long_duo(checkpoints, tmp_path)
+def test_killing_the_main_process_takes_the_draft_process_with_it(checkpoints, cache_dir):
+    process = _start_long_duo(checkpoints, cache_dir)
     try:
         drafts = _wait_for_generation(process)
         process.kill()  # SIGKILL: no cleanup code runs in the main process
