@@ -216,6 +216,10 @@ class GammaPolicy:
         """Extra verification seconds for draft token drafted + 1 (the pass grows from drafted + 1 tokens)."""
         return max(0.0, self.profile.target_pass(drafted + 2) - self.profile.target_pass(drafted + 1))
 
+    def observe_round(self, tree, verdict) -> None:
+        """What the engine reports after each drafted round (tree policies read the whole tree)."""
+        self.observe(tree.n_draft, verdict.n_accepted)
+
     def observe(self, drafted: int, accepted: int) -> None:
         if drafted == 0:
             return  # nothing was tested (e.g. prompt lookup found no match)

@@ -58,6 +58,10 @@ class SamplingConfig:
         return self.temperature == 0
 
 
+MAX_TREE_BUDGET = 4096
+MAX_TREE_DEPTH = 64
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One generation call: the method, its budget and its sampling settings."""
@@ -67,6 +71,8 @@ class GenerationRequest:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     gamma: int | None = None  # None = chosen from measured costs (budget.py)
     lenience: float = 1.0  # 1 = exact; < 1 accepts more drafts and is lossy (opt-in)
+    tree_budget: int | None = None  # specexec: draft nodes per tree; None = autotuned from measured costs
+    tree_depth: int | None = None  # specexec: the tree's depth cap (= its draft passes); None = 16
 
     def __post_init__(self) -> None:
         from duospec.drafting import METHOD_NAMES  # late import: drafting imports config
@@ -90,5 +96,10 @@ class GenerationRequest:
             raise DuospecError(
                 f"lenience must be in (0, 1] (1 = exact, lower = faster but lossy), got {self.lenience!r}"
             )
+        for label, value, top in (("tree_budget", self.tree_budget, MAX_TREE_BUDGET), ("tree_depth", self.tree_depth, MAX_TREE_DEPTH)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not (1 <= value <= top)):
+                raise DuospecError(f"{label} must be an integer in 1..{top}, got {value!r}; omit it to let duospec choose")
+        if self.lenience < 1.0 and self.method == "specexec":
+            raise DuospecError("lenience applies to chains (sd, pld); specexec verifies its trees exactly, so pass no --lenience with it")
         if self.lenience < 1.0 and self.method == "ar":
             raise DuospecError("lenience only applies to speculative methods (sd, pld); method 'ar' drafts nothing")

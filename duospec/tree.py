@@ -25,11 +25,16 @@ class TokenTree:
     draft_probs: [n - 1, V] float32 or None. For chains drawn from a draft model, row i is the draft
         law q that proposed node i + 1. None means each draft token had q = 1 (one-hot), as for
         model-free drafts such as prompt lookup or a greedy draft.
+    log_probs: [n] float32 or None: each node's cumulative draft log-probability (root 0), the score a
+        best-first tree (SpecExec) ranks its nodes by. One number per node, never a [n, V] law: trees
+        are verified by target-sample matching, which needs no q. Used for acceptance-by-budget
+        accounting and reports; never read by the verifier.
     """
 
     tokens: torch.Tensor
     parents: tuple[int, ...]
     draft_probs: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
     depths: tuple[int, ...] = field(init=False, repr=False)
     is_chain: bool = field(init=False, repr=False)
 
@@ -54,6 +59,8 @@ class TokenTree:
                 raise ValueError("draft_probs are only kept for chains; trees are verified by target-sample matching")
             if self.draft_probs.ndim != 2 or self.draft_probs.shape[0] != n - 1:
                 raise ValueError(f"draft_probs must be [n_nodes - 1, V] = [{n - 1}, V], got {tuple(self.draft_probs.shape)}")
+        if self.log_probs is not None and tuple(self.log_probs.shape) != (n,):
+            raise ValueError(f"log_probs must hold one value per node ([{n}]), got {tuple(self.log_probs.shape)}")
 
     @classmethod
     def chain(cls, tokens: torch.Tensor, draft_probs: torch.Tensor | None = None) -> "TokenTree":
@@ -65,7 +72,8 @@ class TokenTree:
         if self.tokens.device == torch.device(device):
             return self
         draft_probs = None if self.draft_probs is None else self.draft_probs.to(device)
-        return TokenTree(tokens=self.tokens.to(device), parents=self.parents, draft_probs=draft_probs)
+        log_probs = None if self.log_probs is None else self.log_probs.to(device)
+        return TokenTree(tokens=self.tokens.to(device), parents=self.parents, draft_probs=draft_probs, log_probs=log_probs)
 
     @property
     def n_nodes(self) -> int:
@@ -111,6 +119,11 @@ class TokenTree:
             # 4, ... levels and skip the ancestor 3 levels up).
             ancestor = torch.where(has_ancestor, parents[ancestor.clamp_min(0)], ancestor)
         return mask
+
+    @property
+    def n_leaves(self) -> int:
+        """Nodes without children (a llama.cpp pass needs one sequence id per leaf)."""
+        return self.n_nodes - len(set(self.parents[1:]))
 
     def path_to(self, node: int) -> list[int]:
         """Node indices from the root down to `node`, root first."""

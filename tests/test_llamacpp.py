@@ -20,7 +20,7 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip 
 from duospec.api import Pipeline  # noqa: E402
 from duospec.config import DuospecError  # noqa: E402
 from duospec.models.hf import HFModel  # noqa: E402
-from duospec.models.llamacpp import LlamaCppModel, LlamaCppSettings, _leaf_sequences, _parents_from_mask  # noqa: E402
+from duospec.models.llamacpp import LlamaCppModel, LlamaCppSettings, _parents_from_mask  # noqa: E402
 from duospec.models.loading import LoadOptions, load_model  # noqa: E402
 from duospec.tree import TokenTree  # noqa: E402
 from tiny_gguf import write_gguf  # noqa: E402
@@ -99,13 +99,17 @@ def test_a_prompt_longer_than_the_batch_is_cut_into_chunks(gguf_files):
 
 
 # -- trees, keep, crop ------------------------------------------------------------------------------
-def test_parents_and_sequences_of_a_worked_example():
-    """The docstring examples of _parents_from_mask and _leaf_sequences."""
+def test_parents_and_sequences_of_a_worked_example(target_llama):
+    """The docstring example of _parents_from_mask, and the sequence ids a one-pass tree gets: the root
+    takes a fresh id (1), its first child inherits it, its second child (a second leaf) takes id 2,
+    which the root in the same batch carries too, and node 3 inherits node 1's id."""
     tree = TokenTree(tokens=torch.tensor([7, 3, 5, 9]), parents=(-1, 0, 0, 1))
-    assert _parents_from_mask(tree.ancestor_mask()) == [-1, 0, 0, 1]  # not [-1, 0, 0, 0]: node 3 hangs under 1
-    sequences, leaf_below = _leaf_sequences([-1, 0, 0, 1])
-    assert sequences == [[1, 2], [1], [2], [1]]  # sequence 0 is the prefix: no node carries it
-    assert leaf_below == [1, 1, 2, 1]
+    assert _parents_from_mask(tree.ancestor_mask(), 0) == [-1, 0, 0, 1]  # not [-1, 0, 0, 0]: node 3 hangs under 1
+    target_llama.reset()
+    target_llama.forward(torch.tensor([4, 8, 15]))
+    target_llama.forward(tree.tokens, 3 + tree.depth_tensor(), tree.ancestor_mask())
+    assert target_llama._tree.sequence == [1, 1, 2, 1]  # sequence 0 is the prefix: no node carries it
+    assert target_llama._tree.parents == [-1, 0, 0, 1]
 
 
 def random_tree(n: int, seed: int) -> TokenTree:
@@ -164,7 +168,7 @@ def test_a_wrong_keep_is_caught_by_the_same_check(target_llama):
         target_llama.forward(torch.tensor(prefix))
         target_llama.forward(tree.tokens, target_llama.cache_len + tree.depth_tensor(), tree.ancestor_mask())
         if break_it:
-            target_llama._last_leaf[2] = target_llama._last_leaf[1]  # the bug: node 1's branch for node 2
+            target_llama._tree.sequence[2] = target_llama._tree.sequence[1]  # the bug: node 1's branch for node 2
         target_llama.keep([0, 2])
         return target_llama.forward(torch.tensor([33]), last_only=True)[-1]
 

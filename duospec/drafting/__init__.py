@@ -47,31 +47,39 @@ class MethodSpec:
     name: str
     summary: str
     needs_draft_model: bool
-    # make_drafter(draft_model_or_None, target_vocab_size) -> Drafter or None (plain autoregressive)
-    make_drafter: Callable[[object | None, int], Drafter | None]
-    engine: str = "sequential"  # "sequential" (engines/sequential.py), "duo" (engines/duo.py) or "auto"
+    # make_drafter(draft_model_or_None, target_model, request) -> Drafter or None (plain autoregressive)
+    make_drafter: Callable[[object | None, object, object], Drafter | None]
+    # "sequential" (engines/sequential.py, chain budget), "tree" (the same engine with SpecExec's node
+    # budget), "duo" (engines/duo.py) or "auto"
+    engine: str = "sequential"
 
 
-def _no_drafter(draft_model: object | None, target_vocab: int) -> None:
+def _no_drafter(draft_model, target, request) -> None:
     return None
 
 
-def _chain_drafter(draft_model: object | None, target_vocab: int) -> Drafter:
+def _chain_drafter(draft_model, target, request) -> Drafter:
     from duospec.drafting.chain import ChainDrafter
 
-    return ChainDrafter(draft_model, target_vocab_size=target_vocab)
+    return ChainDrafter(draft_model, target_vocab_size=target.vocab_size)
 
 
-def _lookup_drafter(draft_model: object | None, target_vocab: int) -> Drafter:
+def _lookup_drafter(draft_model, target, request) -> Drafter:
     from duospec.drafting.lookup import LookupDrafter
 
     return LookupDrafter()
 
 
-def _multiseq_drafter(draft_model: object | None, target_vocab: int) -> Drafter:
+def _multiseq_drafter(draft_model, target, request) -> Drafter:
     from duospec.drafting.multiseq import MultiSequenceDrafter
 
-    return MultiSequenceDrafter(draft_model, target_vocab_size=target_vocab)
+    return MultiSequenceDrafter(draft_model, target_vocab_size=target.vocab_size)
+
+
+def _specexec_drafter(draft_model, target, request) -> Drafter:
+    from duospec.drafting.specexec import SpecExecDrafter
+
+    return SpecExecDrafter(draft_model, target.vocab_size, max_leaves=target.max_tree_leaves, depth=request.tree_depth)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -81,6 +89,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("sd", "speculative decoding: a draft model proposes a chain of gamma tokens", True, _chain_drafter),
         MethodSpec("pld", "prompt lookup: copy what followed the last n-gram earlier in the context", False, _lookup_drafter),
         MethodSpec("multiseq", "speculative decoding with DuoDecoding's multi-sequence drafts, verified as one tree", True, _multiseq_drafter),
+        MethodSpec("specexec", "SpecExec: a best-first tree of the draft's likeliest continuations (hundreds of nodes), verified in one pass", True, _specexec_drafter, engine="tree"),
         MethodSpec("duo", "DuoDecoding: the draft drafts in its own process while the target verifies", True, _no_drafter, engine="duo"),
         MethodSpec("auto", "the fastest of ar, sd, pld and duo here, from measured costs and online acceptance", False, _no_drafter, engine="auto"),
     )

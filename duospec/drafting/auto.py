@@ -102,6 +102,9 @@ class _AutoPolicy:
     def next_budget(self) -> DraftBudget:
         return DraftBudget(64)
 
+    def observe_round(self, tree, verdict) -> None:
+        self.observe(tree.n_draft, verdict.n_accepted)
+
     def observe(self, drafted: int, accepted: int) -> None:
         self.drafter.observe(drafted, accepted)
 

@@ -83,19 +83,25 @@ def generate_tokens(
 
         # 2-4. score, accept, keep
         pass_start = stats.target_seconds
-        logits = steps.score(target, tree, stats)
+        if tree.log_probs is not None:  # a best-first tree (specexec): reduced scoring, no [n, V] logits
+            choices = steps.score_choices(target, tree, sampling, generator, stats)
+        else:
+            logits = steps.score(target, tree, stats)
         if tracker is not None:
             tracker.target_pass(tree.n_nodes, stats.target_seconds - pass_start)
-            if proposed and tree.n_draft and _drafted_with_model(drafter):
-                tracker.draft_steps(tree.n_draft, draft_seconds)  # one draft pass per token (the root's included)
-        verdict = steps.accept(tree, logits, request, generator, stats)
+            if proposed and tree.n_draft and tree.log_probs is None and _drafted_with_model(drafter):
+                tracker.draft_steps(tree.n_draft, draft_seconds)  # one draft pass per token (the root's included); not so for trees
+        if tree.log_probs is not None:
+            verdict = steps.accept_choices(tree, choices, stats)
+        else:
+            verdict = steps.accept(tree, logits, request, generator, stats)
         steps.keep(target, verdict, progress)
         if proposed:
             drafter.feedback(verdict)
 
         # 5. re-budget from this round's outcome, emit
         if policy is not None and proposed:
-            policy.observe(tree.n_draft, verdict.n_accepted)
+            policy.observe_round(tree, verdict)
             stats.alpha_estimate = policy.alpha
         kept, reason = steps.emit(tree, verdict, progress, request, eos_ids, stats, drafted=drafter is not None)
         yield kept

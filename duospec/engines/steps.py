@@ -19,7 +19,7 @@ from duospec.models.base import Model
 from duospec.sampling import choose
 from duospec.stats import GenerationStats
 from duospec.tree import TokenTree
-from duospec.verify import Verdict, verify
+from duospec.verify import Verdict, verify, walk
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -87,6 +87,26 @@ def score(target: Model, tree: TokenTree, stats: GenerationStats) -> torch.Tenso
     stats.target_seconds += time.perf_counter() - start
     stats.target_passes += 1
     return logits
+
+
+def score_choices(target: Model, tree: TokenTree, sampling: SamplingConfig, generator: torch.Generator, stats: GenerationStats) -> torch.Tensor:
+    """A tree's nodes in one target pass, reduced block by block to the target's choice at each node
+    (argmax, or one sample of the warped law): [n_nodes] int64. The logits of a large tree are never
+    held whole (a 1,024-node tree's would be ~600 MB); what target-sample matching reads is kept."""
+    start = time.perf_counter()
+    positions = target.cache_len + tree.depth_tensor(target.device)
+    choices = target.forward(tree.tokens, positions, tree.ancestor_mask(target.device), reduce=lambda block: choose(block, sampling, generator))
+    stats.target_seconds += time.perf_counter() - start
+    stats.target_passes += 1
+    return choices
+
+
+def accept_choices(tree: TokenTree, choices: torch.Tensor, stats: GenerationStats) -> Verdict:
+    """Target-sample matching on a tree scored by `score_choices`: exact for any tree (verify.py)."""
+    start = time.perf_counter()
+    verdict = walk(tree, choices)
+    stats.verify_seconds += time.perf_counter() - start
+    return verdict
 
 
 def accept(tree: TokenTree, logits: torch.Tensor, request: GenerationRequest, generator: torch.Generator, stats: GenerationStats) -> Verdict:

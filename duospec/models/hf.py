@@ -12,10 +12,12 @@ import inspect
 import os
 from itertools import pairwise
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from duospec.config import DuospecError
+from duospec.models.base import reduce_blocks
 from duospec.models.hf_cache import new_cache
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -35,8 +37,16 @@ class HFModel:
         self._mask_min = torch.finfo(self.dtype).min
         self.cache = new_cache(model.config, name)
         self._cache_len = 0
-        self._last_start = 0  # cache length before the last forward: the base `keep` indexes from
+        self._tree_start = 0  # cache length before the open tree (the last forward, or those it extended): `keep` indexes from here
         self._cache_kwarg = cache_kwarg_name(model)
+        self._decoder_cache_kwarg = cache_kwarg_name(model.get_decoder())
+        # A head that is a plain projection (no soft-capping or scaling after it) can be applied to row
+        # blocks of hidden states; otherwise reduced forwards take the model's own logits.
+        config = model.config
+        self._plain_head = not getattr(config, "final_logit_softcapping", None) and getattr(config, "logit_scale", None) in (None, 1, 1.0)
+
+    max_tree_leaves: int | None = None  # any tree shape: the 4-D mask has no leaf limit
+    tree_ids_left: int | None = None
 
     @property
     def cache_len(self) -> int:
@@ -53,7 +63,7 @@ class HFModel:
     def reset(self) -> None:
         self.cache = new_cache(self.model.config, self.name)
         self._cache_len = 0
-        self._last_start = 0
+        self._tree_start = 0
 
     @torch.inference_mode()
     def forward(
@@ -62,31 +72,41 @@ class HFModel:
         positions: torch.Tensor | None = None,
         tree_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        extend_tree: bool = False,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         n_new = tokens.shape[0]
         start = self._cache_len
+        tree_start = self._tree_start if extend_tree else start
+        if extend_tree and (tree_mask is None or positions is None):
+            raise ValueError("extend_tree needs explicit positions and a tree_mask over the open tree's tokens and the new ones")
         if positions is None:
             positions = torch.arange(start, start + n_new, device=self.device)
         attention_mask = None
         if tree_mask is not None:
-            # Every new token sees the whole cached prefix and, among the new tokens, its ancestors.
+            if tuple(tree_mask.shape) != (n_new, start - tree_start + n_new):
+                raise ValueError(f"tree_mask must be [{n_new}, {start - tree_start + n_new}] (new tokens x open-tree tokens), got {tuple(tree_mask.shape)}")
+            # Every new token sees the committed prefix and, among the open tree's tokens, its ancestors.
             attention_mask = torch.zeros(1, 1, n_new, start + n_new, dtype=self.dtype, device=self.device)
-            attention_mask[0, 0, :, start:].masked_fill_(~tree_mask.to(self.device), self._mask_min)
-        out = self.model(
-            input_ids=tokens.to(self.device)[None],
-            position_ids=positions.to(self.device)[None],
-            attention_mask=attention_mask,
-            **{self._cache_kwarg: self.cache},
-            use_cache=True,
-            logits_to_keep=1 if last_only else 0,
-        )
-        self._last_start = start
+            attention_mask[0, 0, :, tree_start:].masked_fill_(~tree_mask.to(self.device), self._mask_min)
+        inputs = {"input_ids": tokens.to(self.device)[None], "position_ids": positions.to(self.device)[None], "attention_mask": attention_mask, "use_cache": True}
+        if reduce is not None and self._plain_head:
+            # Hidden states once, then the vocabulary projection block by block: never [n, V] at once.
+            decoder = self.model.get_decoder()
+            hidden = decoder(**inputs, **{self._decoder_cache_kwarg: self.cache}).last_hidden_state[0]
+            head = self.model.get_output_embeddings()
+            result = reduce_blocks(lambda begin, end: head(hidden[begin:end]).float(), n_new, reduce)
+        else:
+            out = self.model(**inputs, **{self._cache_kwarg: self.cache}, logits_to_keep=1 if last_only else 0)
+            logits = out.logits[0]
+            result = logits.float() if reduce is None else reduce_blocks(lambda begin, end: logits[begin:end].float(), logits.shape[0], reduce)
+        self._tree_start = tree_start
         self._cache_len = start + n_new
-        return out.logits[0].float()
+        return result
 
     @torch.inference_mode()  # the cache tensors are inference tensors: in-place writes must happen in this mode
     def keep(self, nodes: list[int]) -> None:
-        start = self._last_start
+        start = self._tree_start
         _check_keep_path(nodes, self._cache_len - start)
         nodes = list(nodes)
         if nodes == list(range(len(nodes))):

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from duospec.config import DuospecError
+from duospec.models.base import reduce_blocks
 
 INSTALL_HINT = (
     "the llama.cpp backend needs llama-cpp-python; install it with "
@@ -183,9 +184,7 @@ class LlamaCppModel:
         self._batch_logits = np.ctypeslib.as_array(self._batch.logits, shape=(self._batch_size,))
         self._seq_rows = [np.ctypeslib.as_array(self._batch.seq_id[i], shape=(settings.sequences,)) for i in range(self._batch_size)]
         self._cache_len = 0
-        self._last_start = 0
-        self._last_leaf: list[int] | None = None  # for a tree forward: a leaf sequence below each node
-        self._last_parents: list[int] | None = None
+        self._tree: _OpenTree | None = None  # the tokens since the last ordinary forward and their sequence ids
 
     def set_threads(self, threads: int) -> None:
         """Change the threads of later passes (the Duo engine gives the target fewer beside a draft)."""
@@ -210,8 +209,19 @@ class LlamaCppModel:
 
     def reset(self) -> None:
         self._lib.llama_memory_clear(self._memory, True)
-        self._cache_len = self._last_start = 0
-        self._last_leaf = self._last_parents = None
+        self._cache_len = 0
+        self._tree = None
+
+    @property
+    def max_tree_leaves(self) -> int:
+        """Leaves one open tree may have: a sequence id each, and id 0 is the committed prefix."""
+        return self.settings.sequences - 1
+
+    @property
+    def tree_ids_left(self) -> int:
+        """New leaves the open tree may still get (extending it by more raises)."""
+        used = 0 if self._tree is None else self._tree._next_id - 1
+        return self.max_tree_leaves - used
 
     def forward(
         self,
@@ -219,9 +229,15 @@ class LlamaCppModel:
         positions: torch.Tensor | None = None,
         tree_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        extend_tree: bool = False,
+        reduce=None,
     ) -> torch.Tensor:
         """Score `tokens` after the cache in one decode per n_batch tokens; see the module docstring."""
-        self._settle_tree()
+        if extend_tree:
+            if self._tree is None or tree_mask is None or positions is None:
+                raise ValueError("extend_tree needs an open tree (an earlier forward), explicit positions and a tree_mask")
+        else:
+            self._settle_tree()
         n_new = int(tokens.shape[0])
         start = self._cache_len
         if start + n_new > self.max_context:
@@ -235,28 +251,22 @@ class LlamaCppModel:
         else:
             position_ids = positions.detach().to("cpu").numpy().astype(np.int32)
         sequences: list[list[int]] | None = None
-        if tree_mask is not None and not _is_causal(tree_mask):
-            parents = _parents_from_mask(tree_mask)
-            sequences, leaf_below = _leaf_sequences(parents)
-            if len(sequences) and max(max(s) for s in sequences) >= self.settings.sequences:
-                raise DuospecError(
-                    f"{self.name}: a tree with {max(max(s) for s in sequences)} leaves needs more llama.cpp "
-                    f"sequences than the {self.settings.sequences} allocated (at most {MAX_SEQUENCES - 1} leaves)"
-                )
-            for sequence in {s for row in sequences for s in row}:
-                self._lib.llama_memory_seq_rm(self._memory, sequence, -1, -1)
-                self._lib.llama_memory_seq_cp(self._memory, 0, sequence, -1, -1)
-            self._last_leaf, self._last_parents = leaf_below, parents
+        if extend_tree:
+            sequences = self._tree.extend(_parents_from_mask(tree_mask, self._tree.size), position_ids.tolist())
+        elif tree_mask is not None and not _is_causal(tree_mask):
+            self._tree = _OpenTree(self, start)
+            sequences = self._tree.extend(_parents_from_mask(tree_mask, 0), position_ids.tolist())
+        else:
+            self._tree = _OpenTree(self, start, chain=n_new)  # a chain on sequence 0: keep crops
         rows: list[torch.Tensor] = []
         for chunk_start in range(0, n_new, self._batch_size):
             chunk_end = min(n_new, chunk_start + self._batch_size)
             want_logits = not last_only or chunk_end == n_new
-            rows.append(self._decode(token_ids, position_ids, sequences, chunk_start, chunk_end, want_logits, last_only))
-        self._last_start = start
+            rows.append(self._decode(token_ids, position_ids, sequences, chunk_start, chunk_end, want_logits, last_only, reduce))
         self._cache_len = start + n_new
         return torch.cat([row for row in rows if row.numel()]) if len(rows) > 1 else rows[0]
 
-    def _decode(self, token_ids, position_ids, sequences, begin: int, end: int, want_logits: bool, last_only: bool) -> torch.Tensor:
+    def _decode(self, token_ids, position_ids, sequences, begin: int, end: int, want_logits: bool, last_only: bool, reduce=None) -> torch.Tensor:
         n = end - begin
         self._batch.n_tokens = n
         self._batch_tokens[:n] = token_ids[begin:end]
@@ -289,26 +299,30 @@ class LlamaCppModel:
         if n_out == 0:
             return torch.empty(0, self.vocab_size)
         pointer = self._lib.llama_get_logits(self._ctx)
+        view = np.ctypeslib.as_array(pointer, shape=(n_out, self.vocab_size))
+        if reduce is not None:
+            # Block by block straight from llama.cpp's buffer: no [n, V] copy of our own.
+            return reduce_blocks(lambda a, b: torch.from_numpy(view[a:b].copy()), n_out, reduce)
         # Copied at once: the next decode overwrites llama.cpp's logits buffer.
-        logits = np.ctypeslib.as_array(pointer, shape=(n_out * self.vocab_size,)).copy()
-        return torch.from_numpy(logits).view(n_out, self.vocab_size)
+        return torch.from_numpy(view.copy())
 
     def keep(self, nodes: list[int]) -> None:
-        n_last = self._cache_len - self._last_start
-        _check_path(nodes, n_last, self._last_parents)
-        start = self._last_start
-        if self._last_leaf is None:
+        tree = self._tree
+        start = tree.start if tree is not None else self._cache_len
+        _check_path(nodes, self._cache_len - start, tree.parents if tree is not None else [])
+        if tree is None or tree.is_chain:
             self.crop(start + len(nodes))
             return
         if nodes:
-            leaf = self._last_leaf[nodes[-1]]
+            leaf = tree.sequence[nodes[-1]]
             self._lib.llama_memory_seq_rm(self._memory, leaf, start + len(nodes), -1)
             self._lib.llama_memory_seq_keep(self._memory, leaf)
-            self._lib.llama_memory_seq_cp(self._memory, leaf, 0, -1, -1)
-            self._lib.llama_memory_seq_rm(self._memory, leaf, -1, -1)
+            if leaf != 0:
+                self._lib.llama_memory_seq_cp(self._memory, leaf, 0, -1, -1)
+                self._lib.llama_memory_seq_rm(self._memory, leaf, -1, -1)
         else:
             self._lib.llama_memory_seq_keep(self._memory, 0)
-        self._last_leaf = self._last_parents = None
+        self._tree = None
         self._cache_len = start + len(nodes)
 
     def crop(self, length: int) -> None:
@@ -321,11 +335,14 @@ class LlamaCppModel:
         self._cache_len = length
 
     def _settle_tree(self) -> None:
-        """Drop a scored tree nobody kept a path of, so the cache is the prefix alone (sequence 0)."""
-        if self._last_leaf is not None:
+        """Drop a scored tree nobody kept a path of, so the cache is the prefix alone (sequence 0).
+
+        A chain needs nothing: it is on sequence 0 already, and crop trims it."""
+        if self._tree is not None and not self._tree.is_chain:
             self._lib.llama_memory_seq_keep(self._memory, 0)
-            self._cache_len = self._last_start
-            self._last_leaf = self._last_parents = None
+            self._lib.llama_memory_seq_rm(self._memory, 0, self._tree.start, -1)  # a chain the tree grew from
+            self._cache_len = self._tree.start
+        self._tree = None
 
     def close(self) -> None:
         """Free llama.cpp's context, batch and weights (also done when the object is collected)."""
@@ -352,53 +369,96 @@ def _is_causal(mask: torch.Tensor) -> bool:
     return bool(torch.equal(mask.to("cpu"), torch.ones(n, n, dtype=torch.bool).tril_()))
 
 
-def _parents_from_mask(mask: torch.Tensor) -> list[int]:
-    """Each node's parent: its nearest earlier ancestor in an ancestor mask, -1 for a root.
+def _parents_from_mask(mask: torch.Tensor, cached: int) -> list[int]:
+    """Each new node's parent in the open tree: its nearest earlier ancestor, -1 for a root.
 
-    Example: mask rows [1,0,0,0], [1,1,0,0], [1,0,1,0], [1,1,0,1] -> [-1, 0, 0, 1]
-    (node 3's ancestors are 0 and 1; its parent is 1, not 0).
+    mask: [n, cached + n], columns are the open tree's cached tokens, then the new ones; the result
+    indexes the open tree (cached tokens first). Example (cached 0): rows [1,0,0,0], [1,1,0,0],
+    [1,0,1,0], [1,1,0,1] -> [-1, 0, 0, 1] (node 3's ancestors are 0 and 1; its parent is 1, not 0).
     """
     mask = mask.to("cpu", torch.bool)
-    n = mask.shape[0]
-    earlier = torch.ones(n, n, dtype=torch.bool).tril_(-1) & mask
-    ranks = earlier.long() * (torch.arange(n) + 1)  # 1-based index of each earlier ancestor, 0 elsewhere
+    n, width = mask.shape
+    if width != cached + n:
+        raise ValueError(f"tree_mask must be [{n}, {cached + n}] (new tokens x open-tree tokens), got {tuple(mask.shape)}")
+    earlier = torch.arange(width)[None, :] < (torch.arange(n) + cached)[:, None]
+    ranks = (earlier & mask).long() * (torch.arange(width) + 1)  # 1-based index of each earlier ancestor, 0 elsewhere
     return (ranks.max(dim=1).values - 1).tolist()
 
 
-def _leaf_sequences(parents: list[int]) -> tuple[list[list[int]], list[int]]:
-    """Sequence ids per node (one per leaf below it, leaves numbered from 1) and one leaf below each node.
+class _OpenTree:
+    """Sequence ids of the open tree's cells: how a llama.cpp KV cache holds a tree grown over passes.
 
-    Example: parents [-1, 0, 0, 1] (leaves: nodes 2 and 3; numbered from the last node back, so
-    node 3 is leaf 1 and node 2 is leaf 2) -> sequences [[1, 2], [1], [2], [1]], leaf_below [1, 1, 2, 1].
-    Not [[0, ...], ...]: sequence 0 is the committed prefix, which no tree node joins.
+    A token attends to the cells of its first sequence id at positions up to its own. Invariant: for
+    every node i, the cells carrying `sequence[i]` at positions <= pos(i) are exactly the committed
+    prefix, i's ancestors and i. A new node either inherits its parent's id (the parent's first child:
+    the parent was a leaf, so nothing deeper carries that id) or takes a fresh id, onto which the cells
+    of its nearest cached ancestor's id up to that ancestor's position are copied (`seq_cp`, metadata
+    only) and which its ancestors in the same batch also carry. So ids = leaves: at most
+    `sequences - 1` (id 0 stays the committed prefix). A chain forward stays on id 0.
     """
-    n = len(parents)
-    has_child = [False] * n
-    for parent in parents:
-        if parent >= 0:
-            has_child[parent] = True
-    sequences: list[list[int]] = [[] for _ in range(n)]
-    leaf_below = [0] * n
-    next_id = 1
-    for node in range(n - 1, -1, -1):
-        if not has_child[node]:
-            sequences[node].append(next_id)
-            next_id += 1
-        sequences[node].sort()
-        leaf_below[node] = sequences[node][0]
-        parent = parents[node]
-        if parent >= 0:
-            sequences[parent].extend(sequences[node])
-    return sequences, leaf_below
+
+    def __init__(self, model: "LlamaCppModel", start: int, chain: int = 0) -> None:
+        self.model = model
+        self.start = start
+        self.is_chain = chain > 0
+        self.parents: list[int] = list(range(-1, chain - 1))
+        self.sequence: list[int] = [0] * chain
+        self.position: list[int] = list(range(start, start + chain))
+        self.inheritable: list[bool] = [False] * chain  # id 0 is never handed down (it is the prefix)
+        self._next_id = 1
+
+    @property
+    def size(self) -> int:
+        return len(self.parents)
+
+    def extend(self, parents: list[int], positions: list[int]) -> list[list[int]]:
+        """Add nodes (parents index the open tree, -1 = hangs off the prefix); return each one's ids."""
+        lib, memory = self.model._lib, self.model._memory
+        first_new = self.size
+        if self.is_chain:
+            self.is_chain = False
+        rows: list[list[int]] = []
+        for offset, (parent, position) in enumerate(zip(parents, positions)):
+            node = first_new + offset
+            if parent >= 0 and self.inheritable[parent]:
+                sequence = self.sequence[parent]
+                self.inheritable[parent] = False
+            else:
+                sequence = self._fresh_id()
+                ancestor = parent
+                while ancestor >= first_new:  # ancestors in this batch carry the new id too
+                    rows[ancestor - first_new].append(sequence)
+                    ancestor = self.parents[ancestor]
+                lib.llama_memory_seq_rm(memory, sequence, -1, -1)
+                if ancestor >= 0:
+                    lib.llama_memory_seq_cp(memory, self.sequence[ancestor], sequence, -1, self.position[ancestor] + 1)
+                else:
+                    lib.llama_memory_seq_cp(memory, 0, sequence, -1, self.start)
+            rows.append([sequence])
+            self.parents.append(parent)
+            self.sequence.append(sequence)
+            self.position.append(position)
+            self.inheritable.append(True)
+        return rows
+
+    def _fresh_id(self) -> int:
+        if self._next_id > self.model.max_tree_leaves:
+            raise DuospecError(
+                f"{self.model.name}: this tree has more than {self.model.max_tree_leaves} leaves, and llama.cpp gives each "
+                f"leaf a sequence id (at most {MAX_SEQUENCES} sequences, {self.model.settings.sequences} allocated); "
+                "cap the tree's leaves (SpecExec does so by itself) or use --backend transformers"
+            )
+        self._next_id += 1
+        return self._next_id - 1
 
 
-def _check_path(nodes: list[int], n_last: int, parents: list[int] | None) -> None:
-    """`nodes` must be a root-first path among the last forward's tokens (each the child of the one before)."""
+def _check_path(nodes: list[int], n_last: int, parents: list[int]) -> None:
+    """`nodes` must be a root-first path among the open tree's tokens (each the child of the one before)."""
     if not nodes:
         return
     if nodes[0] != 0 or any(not (0 <= node < n_last) for node in nodes):
         raise ValueError(f"keep needs a root-first path of node indices in 0..{n_last - 1}, got {nodes}")
     for previous, node in zip(nodes, nodes[1:]):
-        expected_parent = node - 1 if parents is None else parents[node]
+        expected_parent = parents[node]
         if expected_parent != previous:
             raise ValueError(f"keep needs a path: node {node} is not a child of node {previous} (got {nodes})")
