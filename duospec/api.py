@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from duospec.drafting.specexec import DEFAULT_DEPTH
 from duospec.budget import DRAFT_MARGIN, best_gamma, expected_tokens, CostProfile, GammaPolicy, draft_step_for, draft_step_key, keep_measurement, target_cost_key, target_costs_for
 from duospec.config import DRAFT_QUANTIZATIONS, DuospecError, GenerationRequest, SamplingConfig
 from duospec.costs import CostTracker, LoadProbe, LoadReading, corrected_draft_step, corrected_target_costs, may_keep_correction, under_load
@@ -199,6 +200,7 @@ class Pipeline:
         self._target_identity = cost_identity
         self._target_costs: dict[int, float] | None = None
         self._draft_step: float | None = None
+        self._tree_costs: tuple[CostProfile, CostProfile] | None = None  # SpecExec's curves (tree_costs)
         self._active_stream: GenerationStream | None = None  # the one stream whose caches the models hold
         self.cost_tracker = CostTracker()  # real pass/step times the engines report (see reconcile_costs)
         self.load_probe = LoadProbe()  # tells measurements and requests taken under visible load
@@ -292,6 +294,7 @@ class Pipeline:
         self._draft = model
         self._draft_identity = None
         self._draft_step = None
+        self._tree_costs = None
         self.cost_tracker.clear_draft()
         self._draft_attached = True
         if self._duo is not None:
@@ -407,10 +410,18 @@ class Pipeline:
         gamma: int | None = None,
         lenience: float = 1.0,
         chat: bool | None = None,
+        tree_budget: int | None = None,
+        tree_depth: int | None = None,
     ) -> GenerationStream:
-        """Start a generation whose accepted tokens arrive round by round."""
+        """Start a generation whose accepted tokens arrive round by round.
+
+        tree_budget / tree_depth (specexec): draft nodes per tree and the tree's depth cap; by default
+        the budget is chosen each round from measured costs and acceptance (tree_budget.py).
+        """
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        request = GenerationRequest(method=method, max_new_tokens=max_new_tokens, sampling=sampling, gamma=gamma, lenience=lenience)
+        request = GenerationRequest(
+            method=method, max_new_tokens=max_new_tokens, sampling=sampling, gamma=gamma, lenience=lenience, tree_budget=tree_budget, tree_depth=tree_depth
+        )
         prompt_ids = self.encode(prompt, chat)
         limit = self.target.max_context
         if limit is not None and len(prompt_ids) >= limit:
@@ -423,9 +434,11 @@ class Pipeline:
         if spec.engine == "auto":
             return self._stream_auto(prompt_ids, request)
         draft = self.draft if spec.needs_draft_model else None
-        drafter = spec.make_drafter(draft, self.target.vocab_size)
+        drafter = spec.make_drafter(draft, self.target, request)
         policy = None
-        if drafter is not None:
+        if spec.engine == "tree":
+            policy = self.tree_policy(request)
+        elif drafter is not None:
             if gamma is not None:
                 policy = GammaPolicy(None, fixed_gamma=gamma)  # a fixed gamma needs no measurement
             else:
@@ -437,6 +450,39 @@ class Pipeline:
         stream = GenerationStream(self, chunks, _TextAssembler(self.tokenizer), len(prompt_ids), stats)
         self._active_stream = stream
         return stream
+
+    def tree_costs(self) -> tuple[CostProfile, CostProfile]:
+        """The target's pass cost extended to SpecExec's tree sizes, and the draft's pass cost by width.
+
+        Measured once per machine (kept on disk), each up to the first size whose pass costs more than
+        the deepest tree could repay: (DEFAULT_DEPTH + 2) one-token target passes.
+        """
+        if self._tree_costs is None:
+            from duospec.tree_budget import DRAFT_WIDTHS, LARGE_SIZES, growing_costs_for
+
+            base = self.target_profile()
+            ceiling = (DEFAULT_DEPTH + 2) * base.target_pass(1)
+            large = growing_costs_for(self.target, self.cost_key(self.target), LARGE_SIZES, ceiling, "tree-target", probe=self.load_probe, notify=self._note)
+            widths = growing_costs_for(self.draft, self.cost_key(self.draft), DRAFT_WIDTHS, ceiling, "tree-draft", probe=self.load_probe, notify=self._note)
+            self._tree_costs = (CostProfile({**base.target_pass_seconds, **large}), CostProfile(widths))
+            if self.progress:
+                curve = ", ".join(f"{n}: {s:.3f}" for n, s in sorted(self._tree_costs[0].target_pass_seconds.items()))
+                draft = ", ".join(f"{n}: {s:.3f}" for n, s in sorted(widths.items()))
+                print(f"duospec: target pass seconds by tokens (trees): {curve}; draft pass by width: {draft}", file=sys.stderr)
+        return self._tree_costs
+
+    def tree_policy(self, request: GenerationRequest):
+        """SpecExec's node budget: fixed by the request, else autotuned from measured costs."""
+        from duospec.tree_budget import TreeBudgetPolicy
+
+        if request.tree_budget is not None:
+            policy = TreeBudgetPolicy(None, None, depth=request.tree_depth, fixed_budget=request.tree_budget)
+        else:
+            target_costs, draft_costs = self.tree_costs()
+            policy = TreeBudgetPolicy(target_costs, draft_costs, depth=request.tree_depth, prior_alpha=self._auto_alpha)
+        if self.verbose:
+            print(policy.describe(), file=sys.stderr)
+        return policy
 
     def duo_runtime(self):
         """The draft process, thread split and costs of `duo` requests (set up on first use)."""
@@ -534,6 +580,7 @@ def load(
     context: int | None = None,
     attn_implementation: str = "sdpa",
     progress: bool = True,
+    offload: bool = False,
 ) -> Pipeline:
     """Load a target model (default: the embedded Qwen2.5-Coder-1.5B-Instruct) and note the draft.
 
@@ -545,6 +592,8 @@ def load(
     draft_quantization (transformers drafts only): "auto" stores the draft's weights as int8 on CPUs (a
     draft step reads half the bytes; exactness is untouched, only acceptance could move), "int8" or "none".
     context: llama.cpp KV cells per model (default 4096, capped by the model's trained context).
+    offload: keep the target's decoder layers in pinned CPU memory and stream them to the GPU every pass
+    (transformers on CUDA only; for SpecExec with targets larger than the GPU). The draft stays resident.
     """
     from duospec.models.llamacpp import LlamaCppSettings
     from duospec.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
@@ -560,7 +609,7 @@ def load(
     target_backend = resolve_backend(backend, target_name, torch_device)
     llama = LlamaCppSettings() if context is None else LlamaCppSettings(context=context)
     target_options = LoadOptions(
-        backend=target_backend, device=torch_device, dtype=torch_dtype, threads=threads, llama=llama, attn_implementation=attn_implementation
+        backend=target_backend, device=torch_device, dtype=torch_dtype, threads=threads, llama=llama, attn_implementation=attn_implementation, offload=offload
     )
     draft_options = None
     quantization = "none"
@@ -571,7 +620,7 @@ def load(
             quantization = resolve_draft_quantization(draft_quantization, torch_device, torch_dtype)
         elif draft_quantization not in DRAFT_QUANTIZATIONS:
             raise DuospecError(f"unknown draft quantization {draft_quantization!r}; choose one of: {', '.join(DRAFT_QUANTIZATIONS)}")
-        draft_options = replace(target_options, backend=resolved, threads=draft_threads if draft_threads is not None else threads, quantization=quantization)
+        draft_options = replace(target_options, backend=resolved, threads=draft_threads if draft_threads is not None else threads, quantization=quantization, offload=False)
     loaded = load_model(target_name, target_options, name=target_name, progress=progress)
     if progress and backend == "auto":
         draft_note = f", draft on {draft_options.backend}" if draft_options is not None else ""

@@ -103,6 +103,10 @@ class DraftBudget:
 
     max_tokens: int
     confidence_floors: tuple[float, ...] = ()
+    # A tree's budget (SpecExec): max_tokens counts nodes, and what the request's or the context's end
+    # limits is the tree's depth (a round emits at most depth + 1 tokens), not its node count.
+    tree: bool = False
+    max_depth: int | None = None
 
     def allows(self, drafted: int, confidence: float) -> bool:
         """Whether to draft one more token after `drafted` tokens of cumulative confidence `confidence`."""
@@ -111,7 +115,11 @@ class DraftBudget:
         return not self.confidence_floors or confidence >= self.confidence_floors[drafted]
 
     def capped(self, limit: int) -> "DraftBudget":
-        """The same budget with at most `limit` tokens (the request's or the context's end)."""
+        """The same budget with at most `limit` tokens in a round's path (the request's or the
+        context's end): a chain's length, a tree's depth."""
+        if self.tree:
+            depth = limit if self.max_depth is None else min(self.max_depth, limit)
+            return DraftBudget(self.max_tokens if depth > 0 else 0, self.confidence_floors, tree=True, max_depth=depth)
         return DraftBudget(min(self.max_tokens, limit), self.confidence_floors)
 
 

@@ -29,6 +29,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--draft-backend", default=None, choices=BACKENDS, help="engine for the draft (default: as --backend)")
     group.add_argument("--draft-threads", type=int, default=None, help="CPU threads of the draft (default: as --threads)")
     group.add_argument("--ctx-size", type=int, default=None, help="llama.cpp: KV cache cells per model (default 4096, capped by the model's trained context)")
+    group.add_argument("--offload", action="store_true", help="target weights in pinned CPU memory, streamed to the GPU layer by layer (needs CUDA; for SpecExec with targets larger than the GPU)")
 
 
 def load_pipeline(args: argparse.Namespace):
@@ -46,6 +47,7 @@ def load_pipeline(args: argparse.Namespace):
         draft_threads=args.draft_threads,
         draft_quantization=args.draft_quant,
         context=args.ctx_size,
+        offload=args.offload,
     )
 
 
@@ -58,6 +60,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-k", type=int, default=0)
     group.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
     group.add_argument("--gamma", type=int, default=None, help="draft tokens per round (default: chosen from measured costs)")
+    group.add_argument("--budget", type=int, default=None, help="specexec: draft nodes per tree, 1..4096 (default: chosen each round from measured costs and acceptance)")
+    group.add_argument("--tree-depth", type=int, default=None, help="specexec: the tree's depth cap, i.e. its draft passes per round (default 16)")
     group.add_argument("--lenience", type=float, default=1.0, help="(0, 1]; < 1 accepts more drafts and is LOSSY (1 = exact)")
     group.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     group.add_argument("--verbose", action="store_true", help="print the budget chosen (costs, thread split, method) and why")
@@ -157,6 +161,8 @@ def run_generate(args: argparse.Namespace) -> int:
         **decoding_options(args),
         gamma=args.gamma,
         lenience=args.lenience,
+        tree_budget=args.budget,
+        tree_depth=args.tree_depth,
         chat=False if args.no_chat else None,
     )
     _validate_early(options)

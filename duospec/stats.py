@@ -34,6 +34,8 @@ class GenerationStats:
     alpha_estimate: float | None = None
     auto_rounds: dict = field(default_factory=dict)  # `auto`: rounds per method it chose
     fallback: str = ""  # why a method went on without its draft (a lost draft process), if it did
+    peak_rss_mb: float | None = None  # the process's peak resident memory so far (weights, caches, logits)
+    peak_gpu_mb: float | None = None  # torch's peak allocated CUDA memory, where a GPU is in use
     _start: float = field(default_factory=time.perf_counter, repr=False)
 
     def mark_first_token(self) -> None:
@@ -42,6 +44,7 @@ class GenerationStats:
     def finish(self, reason: str) -> None:
         self.finish_reason = reason
         self.seconds = time.perf_counter() - self._start
+        self.peak_rss_mb, self.peak_gpu_mb = peak_memory_mb()
 
     @property
     def tokens_per_second(self) -> float:
@@ -84,6 +87,8 @@ class GenerationStats:
             "accepted_tokens": self.accepted_tokens,
             "alpha_estimate": None if self.alpha_estimate is None else round(self.alpha_estimate, 4),
             "finish_reason": self.finish_reason,
+            "peak_rss_mb": None if self.peak_rss_mb is None else round(self.peak_rss_mb, 1),
+            **({"peak_gpu_mb": round(self.peak_gpu_mb, 1)} if self.peak_gpu_mb is not None else {}),
             **({"fallback": self.fallback} if self.fallback else {}),
             **({"auto_rounds": dict(self.auto_rounds)} if self.auto_rounds else {}),
             "time_breakdown": {
@@ -95,3 +100,22 @@ class GenerationStats:
             },
             "tokens_per_pass": self.tokens_per_pass,
         }
+
+
+def peak_memory_mb() -> tuple[float | None, float | None]:
+    """(peak resident memory of this process, peak CUDA memory torch allocated) in MB; None where unknown."""
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    except (ImportError, OSError):
+        rss = None
+    gpu = None
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            gpu = torch.cuda.max_memory_allocated() / 2**20
+    except Exception:  # a broken CUDA setup must not break the stats
+        gpu = None
+    return rss, gpu

@@ -41,6 +41,9 @@ def measure_growing_costs(model: Model, sizes: tuple[int, ...], ceiling: float, 
     """Median seconds of one pass over n tokens after `context_tokens` cached ones, for growing n,
     up to and including the first n whose pass costs more than `ceiling` seconds (or the context's end)."""
     limit = model.max_context or (context_tokens + max(sizes) + 1)
+    # A short context (a small llama.cpp --ctx-size, tiny models) may not hold the filler plus even the
+    # smallest pass; measure after half the context then, so that the curve is never empty.
+    context_tokens = min(context_tokens, limit // 2)
     filler = torch.arange(context_tokens, device=model.device) % max(model.vocab_size - 1, 1)
     model.reset()
     model.forward(filler, last_only=True)
@@ -176,7 +179,7 @@ class TreeBudgetPolicy:
 
     def _choose(self) -> DraftBudget:
         if self.fixed_budget is not None:
-            return DraftBudget(self.fixed_budget)
+            return DraftBudget(self.fixed_budget, tree=True)
         choices = [self.predict(b) for b in self.candidates]
         best = max(choices, key=lambda choice: choice.rate)
         self.last_choice = best
@@ -184,8 +187,8 @@ class TreeBudgetPolicy:
             # No tree pays on this machine at the acceptance seen so far: decode plainly, and now and
             # then draft the best candidate to learn whether the text has become predictable.
             self._idle_rounds += 1
-            return DraftBudget(best.budget if self._idle_rounds % PROBE_EVERY == 0 else 0)
-        return DraftBudget(best.budget)
+            return DraftBudget(best.budget if self._idle_rounds % PROBE_EVERY == 0 else 0, tree=True)
+        return DraftBudget(best.budget, tree=True)
 
     def describe(self) -> str:
         """The last choice and its rivals, for --verbose."""

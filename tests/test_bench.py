@@ -30,7 +30,7 @@ from duospec.cli import main
 from duospec.config import DuospecError
 from duospec.drafting import METHODS, MethodSpec
 
-ALL_METHODS = ("ar", "sd", "pld", "multiseq", "duo", "auto", "hf-ar", "hf-assisted", "hf-pld")
+ALL_METHODS = ("ar", "sd", "pld", "specexec", "multiseq", "duo", "auto", "hf-ar", "hf-assisted", "hf-pld")
 MAX_NEW_TOKENS = 12
 
 

@@ -47,6 +47,17 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--seed", type=int, default=0, help="seed of every answer's sampling (default 0)")
     bench.add_argument("--questions", type=Path, default=None, help="a JSONL file in Spec-Bench's format (question_id, category, turns); default: the packaged Spec-Bench questions")
     bench.add_argument("--out", type=Path, default=None, help="output directory (default: bench-results/<timestamp>); rerun with the same --out to resume")
+    bench.add_argument(
+        "--sweep-budget",
+        type=_sizes,
+        nargs="?",
+        const=None,
+        default=False,
+        metavar="BUDGETS",
+        help="instead of the method comparison: specexec at each tree budget (comma-separated; default 1,2,4,...,2048) against ar, "
+        "plotting accepted tokens per target pass and tokens/s against budget (sweep.png, sweep.md, sweep.json)",
+    )
+    bench.add_argument("--tree-depth", type=int, default=None, help="specexec: the tree's depth cap (default 16)")
     add_model_arguments(bench)
     bench.set_defaults(handler=run_bench_command)
 
@@ -94,6 +105,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     out = args.out or Path("bench-results") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
     _quiet_transformers()
+    if args.sweep_budget is not False:
+        return _run_sweep_command(args, questions, tasks, settings, out)
     command = bench_command(args, methods, tasks, settings.limit, out)
     check_out_dir(out, _planned_flags(args, target, draft, settings))  # before any model is loaded
     try:
@@ -125,6 +138,27 @@ def run_bench_command(args: argparse.Namespace) -> int:
         estimate = _full_run_estimate([r for r in records if r["method"] in methods], questions, tasks)
         print(f"the full run ({full_limit} questions per task; about {estimate} on this machine):")
         print(f"  {bench_command(args, methods, tasks, full_limit, full_out)}")
+    return 0
+
+
+def _run_sweep_command(args: argparse.Namespace, questions: list, tasks: list[str], settings, out: Path) -> int:
+    """`--sweep-budget`: specexec at each budget against ar (bench/sweep.py)."""
+    from duospec.bench.data import select_questions
+    from duospec.bench.methods import DecodeSettings
+    from duospec.bench.sweep import DEFAULT_SWEEP, render_sweep, run_sweep
+    from duospec.cli import load_pipeline
+    from duospec.config import MAX_TREE_BUDGET, DuospecError
+
+    budgets = args.sweep_budget or DEFAULT_SWEEP
+    if max(budgets) > MAX_TREE_BUDGET:
+        raise DuospecError(f"--sweep-budget takes budgets in 1..{MAX_TREE_BUDGET}, got {max(budgets)}")
+    chosen = select_questions(questions, tasks, settings.limit)
+    decode = DecodeSettings(settings.max_new_tokens, settings.temperature, settings.top_p, settings.top_k, settings.seed)
+    with load_pipeline(args) as pipe:
+        print(f"duospec: budget sweep of specexec over {len(chosen)} question(s), writing to {out}", file=sys.stderr)
+        summary = run_sweep(pipe, chosen, tuple(budgets), decode, args.tree_depth, out)
+    print(render_sweep(summary))
+    print(f"plot: {out / 'sweep.png'}")
     return 0
 
 

@@ -91,7 +91,10 @@ class SpecExecDrafter:
     def propose(self, context: list[int], budget: DraftBudget, sampling: SamplingConfig, generator: torch.Generator | None) -> TokenTree:
         device = self.model.device
         root = context[-1]
-        search = TreeSearch.for_budget(budget.max_tokens, self.depth)
+        depth = self.depth or DEFAULT_DEPTH
+        if budget.max_depth is not None:
+            depth = min(depth, budget.max_depth)  # the request's or the context's end is near
+        search = TreeSearch.for_budget(budget.max_tokens, depth)
         self.last_search = search
         self._keep_slots = None
         limit = self.model.max_context
@@ -121,6 +124,8 @@ class SpecExecDrafter:
             ids_left = self.model.tree_ids_left
             if ids_left is not None:
                 chosen = chosen[: max(0, ids_left)]  # each run node may need a llama.cpp sequence id
+            if limit is not None:
+                chosen = chosen[: max(0, limit - self.model.cache_len)]  # and takes a cache cell: near the context's end they run out
             if chosen.numel() == 0:
                 break
             m = chosen.shape[0]

@@ -415,6 +415,8 @@ class _OpenTree:
         """Add nodes (parents index the open tree, -1 = hangs off the prefix); return each one's ids."""
         lib, memory = self.model._lib, self.model._memory
         first_new = self.size
+        if self._ids_needed(parents) > self.model.max_tree_leaves - (self._next_id - 1):
+            raise self._too_many_leaves()  # before any id or cell changes: a refused extend leaves the tree usable
         if self.is_chain:
             self.is_chain = False
         rows: list[list[int]] = []
@@ -441,13 +443,28 @@ class _OpenTree:
             self.inheritable.append(True)
         return rows
 
+    def _ids_needed(self, parents: list[int]) -> int:
+        """Fresh ids `extend(parents)` would take: one per new node that is not its parent's first child."""
+        first_new = self.size
+        inherited: set[int] = set()
+        needed = 0
+        for parent in parents:
+            if parent >= 0 and parent not in inherited and (parent >= first_new or self.inheritable[parent]):
+                inherited.add(parent)
+            else:
+                needed += 1
+        return needed
+
+    def _too_many_leaves(self) -> DuospecError:
+        return DuospecError(
+            f"{self.model.name}: this tree has more than {self.model.max_tree_leaves} leaves, and llama.cpp gives each "
+            f"leaf a sequence id (at most {MAX_SEQUENCES} sequences, {self.model.settings.sequences} allocated); "
+            "cap the tree's leaves (SpecExec does so by itself) or use --backend transformers"
+        )
+
     def _fresh_id(self) -> int:
         if self._next_id > self.model.max_tree_leaves:
-            raise DuospecError(
-                f"{self.model.name}: this tree has more than {self.model.max_tree_leaves} leaves, and llama.cpp gives each "
-                f"leaf a sequence id (at most {MAX_SEQUENCES} sequences, {self.model.settings.sequences} allocated); "
-                "cap the tree's leaves (SpecExec does so by itself) or use --backend transformers"
-            )
+            raise self._too_many_leaves()
         self._next_id += 1
         return self._next_id - 1
 

@@ -37,6 +37,7 @@ class LoadOptions:
     quantization: str = "none"  # "int8": transformers draft weights stored as int8 (CPUs)
     llama: LlamaCppSettings = field(default_factory=LlamaCppSettings)
     attn_implementation: str = "sdpa"
+    offload: bool = False  # transformers on CUDA: decoder layers in pinned CPU memory, streamed per pass (models/offload.py)
 
 
 @dataclass
@@ -83,6 +84,8 @@ def resolve_backend(choice: str, source: str, device: torch.device) -> str:
 
 def load_model(source: str, options: LoadOptions, *, name: str | None = None, progress: bool = True) -> LoadedModel:
     """Load `source` on `options.backend` with its tokenizer and stop tokens."""
+    if options.offload:
+        check_offload(options)
     if options.backend == "llama.cpp":
         return _load_llamacpp(source, options, name=name, progress=progress)
     return _load_transformers(source, options, name=name, progress=progress)
@@ -141,7 +144,7 @@ def _load_transformers(source: str, options: LoadOptions, *, name: str | None, p
         checkpoint = resolve_checkpoint(source, progress=progress)
     model, tokenizer = load_hf(
         checkpoint,
-        device=options.device,
+        device=torch.device("cpu") if options.offload else options.device,  # offloading starts from the CPU
         dtype=options.dtype,
         attn_implementation=options.attn_implementation,
         name=name or source,
@@ -149,6 +152,11 @@ def _load_transformers(source: str, options: LoadOptions, *, name: str | None, p
     )
     if options.quantization == "int8":
         quantize_linear_layers_int8(model.model)
+    if options.offload:
+        from duospec.models.hf import HFModel
+        from duospec.models.offload import offload_layers
+
+        model = HFModel(offload_layers(model.model, options.device), name=model.name)  # model.device: now the GPU
     identity = [
         "transformers",
         source,
@@ -158,8 +166,20 @@ def _load_transformers(source: str, options: LoadOptions, *, name: str | None, p
         f"quant={options.quantization}",
         torch.__version__,
         platform.processor() or platform.machine(),
-    ]
+    ] + (["offload"] if options.offload else [])  # an offloaded pass costs a PCIe read of the weights
     return LoadedModel(model, tokenizer, hf_eos_ids(model, tokenizer), identity)
+
+
+def check_offload(options: LoadOptions) -> None:
+    """Refuse --offload where it cannot run, before anything is loaded."""
+    if options.device.type != "cuda" or not torch.cuda.is_available():
+        found = f"this run's device is {options.device} (pass --device cuda)" if torch.cuda.is_available() else "this machine has none"
+        raise DuospecError(
+            "--offload needs a CUDA GPU: it keeps the target's layers in pinned CPU memory and streams them to the GPU, "
+            f"but {found}; on a CPU-only machine drop --offload"
+        )
+    if options.backend != "transformers":
+        raise DuospecError("--offload streams transformers weights to the GPU; use --backend transformers (llama.cpp runs on the CPU here)")
 
 
 def hf_eos_ids(model, tokenizer) -> frozenset[int]:
