@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 
@@ -70,6 +71,10 @@ def generate_tokens(
             stats.finish(ended)
             return
         budget = policy.next_budget().capped(room) if (drafter and policy) else None
+        if budget is not None and budget.tree:
+            # capped() limits a tree's depth; every node also takes a cell of the target's cache, so the
+            # context's end limits their number too (llama.cpp refuses a pass past its context).
+            budget = replace(budget, max_tokens=min(budget.max_tokens, progress.max_context - len(progress.context) - 1))
 
         # 1. draft
         start = time.perf_counter()

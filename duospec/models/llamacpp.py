@@ -39,7 +39,7 @@ INSTALL_HINT = (
 )
 DEFAULT_CONTEXT = 4096  # KV cells allocated; the model's trained context caps it
 DEFAULT_BATCH = 512  # tokens per llama_decode call (longer inputs are split)
-DEFAULT_SEQUENCES = 64  # sequence ids: a tree may have at most this minus one leaves
+DEFAULT_SEQUENCES = 256  # sequence ids (llama.cpp's maximum): a tree may have at most 255 leaves
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
 
 
