@@ -185,10 +185,23 @@ class TreeBudgetPolicy:
         self.last_choice = best
         if best.rate <= (1.0 + DRAFT_MARGIN) * self.plain_rate:
             # No tree pays on this machine at the acceptance seen so far: decode plainly, and now and
-            # then draft the best candidate to learn whether the text has become predictable.
+            # then draft the best candidate to learn whether the text has become predictable, but
+            # only where some tree could pay at all (a probe costs the draft's catch-up on every
+            # token since it last ran).
             self._idle_rounds += 1
-            return DraftBudget(best.budget if self._idle_rounds % PROBE_EVERY == 0 else 0, tree=True)
+            probe = self._idle_rounds % PROBE_EVERY == 0 and self.could_pay
+            return DraftBudget(best.budget if probe else 0, tree=True)
         return DraftBudget(best.budget, tree=True)
+
+    @property
+    def could_pay(self) -> bool:
+        """Whether any candidate beats autoregressive decoding even if every draft token on its
+        deepest path were accepted (min(budget, depth) tokens per round): else probing is waste."""
+        for budget in self.candidates:
+            best_case = BudgetChoice(budget, float(TreeSearch.for_budget(budget, self.depth).passes), self.predict(budget).draft_seconds, self.predict(budget).target_seconds)
+            if best_case.rate > (1.0 + DRAFT_MARGIN) * self.plain_rate:
+                return True
+        return False
 
     def describe(self) -> str:
         """The last choice and its rivals, for --verbose."""
@@ -198,7 +211,12 @@ class TreeBudgetPolicy:
         lines += ["  " + self.predict(b).describe() for b in self.candidates]
         best = self.last_choice or max((self.predict(b) for b in self.candidates), key=lambda c: c.rate)
         pays = best.rate > (1.0 + DRAFT_MARGIN) * self.plain_rate
-        lines.append(f"  chose budget {best.budget if pays else 0}" + ("" if pays else f" (no tree beats autoregressive by {DRAFT_MARGIN:.0%}; budget {best.budget} is probed every {PROBE_EVERY} rounds)"))
+        if pays:
+            lines.append(f"  chose budget {best.budget}")
+        elif self.could_pay:
+            lines.append(f"  chose budget 0 (no tree beats autoregressive by {DRAFT_MARGIN:.0%} at this acceptance; budget {best.budget} is probed every {PROBE_EVERY} rounds)")
+        else:
+            lines.append(f"  chose budget 0: no tree beats autoregressive by {DRAFT_MARGIN:.0%} here even if every draft token were accepted (target passes cost too much more per token), so none is drafted")
         return "\n".join(lines)
 
     # -- learning ------------------------------------------------------------------------------------

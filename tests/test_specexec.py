@@ -1086,6 +1086,21 @@ def test_steep_costs_and_low_acceptance_choose_plain_decoding_and_probe():
     assert "chose budget 0" in policy.describe() and f"probed every {PROBE_EVERY} rounds" in policy.describe()
 
 
+def test_where_no_tree_could_ever_pay_nothing_is_drafted_not_even_probes():
+    """The curves measured on this project's 2-core AMD CPU with llama.cpp (README): even with every
+    draft token accepted no tree beats a plain step, so probing (each probe pays the draft's catch-up
+    on every token since it last ran) is skipped. Control: the same policy with a 10x cheaper target
+    growth would probe."""
+    target_costs = CostProfile({1: 0.073, 2: 0.112, 3: 0.148, 4: 0.173, 5: 0.217, 6: 0.254, 8: 0.426, 12: 0.539, 16: 0.532, 24: 0.864, 33: 1.085, 48: 1.636})
+    draft_costs = CostProfile({1: 0.045, 2: 0.092, 4: 0.132, 8: 0.238, 16: 0.383, 32: 0.709})
+    policy = TreeBudgetPolicy(target_costs, draft_costs)
+    assert not policy.could_pay
+    assert [policy.next_budget().max_tokens for _ in range(3 * PROBE_EVERY)] == [0] * (3 * PROBE_EVERY)
+    assert "even if every draft token were accepted" in policy.describe()
+    cheap_growth = CostProfile({n: 0.073 + (s - 0.073) / 10 for n, s in target_costs.target_pass_seconds.items()})
+    assert TreeBudgetPolicy(cheap_growth, draft_costs).could_pay
+
+
 def test_measure_growing_costs_stops_at_the_ceiling(target):
     model = HFModel(target)
     assert list(measure_growing_costs(model, (1, 2, 4, 8), ceiling=0.0, context_tokens=16, repeats=1)) == [1]  # the first pass is over it
