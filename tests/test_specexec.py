@@ -614,6 +614,21 @@ def test_llama_cpp_draft_with_few_sequences_stops_growing_and_stays_exact(gguf_f
 
 
 @needs_llama
+def test_a_llama_cpp_draft_with_one_free_id_goes_on_down_one_branch(gguf_files):
+    """A node that is its parent's first child inherits the parent's sequence id, so a chain costs one
+    id however deep: a draft with a single free id (2 sequences) goes on running the best pool nodes
+    that inherit it (here 3 levels before the budget's pool holds none). Counting an id per run node
+    (the old rule) stopped after the first pass, with 1 node run."""
+    draft = LlamaCppModel(gguf_files["perturbed"], LlamaCppSettings(context=256, batch=64, sequences=2, threads=1))
+    drafter = SpecExecDrafter(draft, VOCAB, depth=8)
+    context = tiny_tokenizer()(PROMPTS[0])["input_ids"]
+    tree = drafter.propose(context, DraftBudget(8), SamplingConfig(), None)
+    run_nodes = draft.cache_len - len(context)  # the draft's open tree: the context, then every node it ran
+    assert run_nodes >= 3  # the first run node took the one id; the next ones inherited it
+    assert draft.tree_ids_left == 0 and tree.n_draft == 8
+
+
+@needs_llama
 def test_the_drafts_open_tree_never_outgrows_its_context(gguf_files):
     """Regression: near the context's end the root pass leaves few cache cells, and a search of `passes`
     passes over `width` nodes could run more nodes than fit (llama.cpp then refused: "257 tokens do not

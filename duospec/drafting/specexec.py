@@ -120,10 +120,14 @@ class SpecExecDrafter:
         pool.prune(search.budget)
         used = chain
         for _ in range(search.passes):
-            chosen = pool.best_unrun(search.width, search.passes)
-            ids_left = self.model.tree_ids_left
-            if ids_left is not None:
-                chosen = chosen[: max(0, ids_left)]  # each run node may need a llama.cpp sequence id
+            if self.model.tree_ids_left is None:
+                chosen = pool.best_unrun(search.width, search.passes)
+            else:
+                # llama.cpp: a run node needs a sequence id unless it is its parent's first child, so
+                # when ids run short the best nodes that still fit are run (host work: a CPU backend).
+                candidates = pool.best_unrun(pool.tokens.shape[0], search.passes)
+                fits = self.model.extend_fits(pool.slot[pool.parents[candidates]].tolist())
+                chosen = candidates[torch.tensor(fits, dtype=torch.bool, device=candidates.device)][: search.width]
             if limit is not None:
                 chosen = chosen[: max(0, limit - self.model.cache_len)]  # and takes a cache cell: near the context's end they run out
             if chosen.numel() == 0:

@@ -71,6 +71,11 @@ class Model(Protocol):
         """
         ...
 
+    def extend_fits(self, parents: list[int]) -> list[bool]:
+        """Which of these candidate nodes (parents: indices into the open tree), taken in order, the
+        next `forward(extend_tree=True)` could hold: all, except where a backend's tree ids run out."""
+        ...
+
     def keep(self, nodes: list[int]) -> None:
         """Keep the cached prefix from before the open tree plus these of its tokens, in order.
 

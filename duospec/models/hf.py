@@ -48,6 +48,10 @@ class HFModel:
     max_tree_leaves: int | None = None  # any tree shape: the 4-D mask has no leaf limit
     tree_ids_left: int | None = None
 
+    def extend_fits(self, parents: list[int]) -> list[bool]:
+        """Every node fits an open tree here (no sequence ids to run out of)."""
+        return [True] * len(parents)
+
     @property
     def cache_len(self) -> int:
         return self._cache_len

@@ -217,6 +217,14 @@ class LlamaCppModel:
         """Leaves one open tree may have: a sequence id each, and id 0 is the committed prefix."""
         return self.settings.sequences - 1
 
+    def extend_fits(self, parents: list[int]) -> list[bool]:
+        """Which of these candidate nodes (their parents index the open tree), taken in order, the
+        next extend could hold before the sequence ids run out: a parent's first child inherits its
+        id, any other node needs a fresh one."""
+        if self._tree is None:
+            return [False] * len(parents)
+        return self._tree.fits(parents, self.tree_ids_left)
+
     @property
     def tree_ids_left(self) -> int:
         """New leaves the open tree may still get (extending it by more raises)."""
@@ -442,6 +450,21 @@ class _OpenTree:
             self.position.append(position)
             self.inheritable.append(True)
         return rows
+
+    def fits(self, parents: list[int], ids_left: int) -> list[bool]:
+        """For cached parents: whether each node, in order, could join (see LlamaCppModel.extend_fits)."""
+        inherited: set[int] = set()
+        result = []
+        for parent in parents:
+            if 0 <= parent < self.size and parent not in inherited and self.inheritable[parent]:
+                inherited.add(parent)
+                result.append(True)
+            elif ids_left > 0:
+                ids_left -= 1
+                result.append(True)
+            else:
+                result.append(False)
+        return result
 
     def _ids_needed(self, parents: list[int]) -> int:
         """Fresh ids `extend(parents)` would take: one per new node that is not its parent's first child."""
