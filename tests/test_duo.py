@@ -373,7 +373,8 @@ def test_steep_costs_verify_shorter_chains_than_flat(target, greedy_process):
         tokens, stats = run_duo(target, greedy_process, prompt, 40, PLANNERS[planner](), max_sequences=1)
         assert tokens == reference
         longest[planner] = max(stats.gammas)
-    assert 1 <= longest["steep"] < longest["flat"], longest
+    assert longest["steep"] >= 1, longest  # the steep curve still verifies drafts
+    assert longest["steep"] < longest["flat"], longest
     assert longest["flat"] >= 8, longest
 
 

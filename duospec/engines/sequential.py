@@ -89,17 +89,13 @@ def generate_tokens(
         # 2-4. score, accept, keep
         pass_start = stats.target_seconds
         if tree.log_probs is not None:  # a best-first tree (specexec): reduced scoring, no [n, V] logits
-            choices = steps.score_choices(target, tree, sampling, generator, stats)
+            verdict = steps.accept_choices(tree, steps.score_choices(target, tree, sampling, generator, stats), stats)
         else:
-            logits = steps.score(target, tree, stats)
+            verdict = steps.accept(tree, steps.score(target, tree, stats), request, generator, stats)
         if tracker is not None:
             tracker.target_pass(tree.n_nodes, stats.target_seconds - pass_start)
             if proposed and tree.n_draft and tree.log_probs is None and _drafted_with_model(drafter):
                 tracker.draft_steps(tree.n_draft, draft_seconds)  # one draft pass per token (the root's included); not so for trees
-        if tree.log_probs is not None:
-            verdict = steps.accept_choices(tree, choices, stats)
-        else:
-            verdict = steps.accept(tree, logits, request, generator, stats)
         steps.keep(target, verdict, progress)
         if proposed:
             drafter.feedback(verdict)

@@ -66,6 +66,6 @@ def int8_kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
     try:
         x = torch.zeros(1, 8, dtype=dtype)
         torch.ops.aten._weight_int8pack_mm(x, torch.zeros(8, 8, dtype=torch.int8), torch.ones(8, dtype=dtype))
-    except (RuntimeError, NotImplementedError):
+    except (RuntimeError, NotImplementedError):  # no such kernel for this dtype/CPU: int8 drafts are not offered
         return False
     return True

@@ -423,13 +423,12 @@ class _OpenTree:
         """Add nodes (parents index the open tree, -1 = hangs off the prefix); return each one's ids."""
         lib, memory = self.model._lib, self.model._memory
         first_new = self.size
-        if self._ids_needed(parents) > self.model.max_tree_leaves - (self._next_id - 1):
+        if not all(self.fits(parents, self.model.max_tree_leaves - (self._next_id - 1))):
             raise self._too_many_leaves()  # before any id or cell changes: a refused extend leaves the tree usable
         if self.is_chain:
             self.is_chain = False
         rows: list[list[int]] = []
-        for offset, (parent, position) in enumerate(zip(parents, positions)):
-            node = first_new + offset
+        for parent, position in zip(parents, positions):
             if parent >= 0 and self.inheritable[parent]:
                 sequence = self.sequence[parent]
                 self.inheritable[parent] = False
@@ -452,11 +451,12 @@ class _OpenTree:
         return rows
 
     def fits(self, parents: list[int], ids_left: int) -> list[bool]:
-        """For cached parents: whether each node, in order, could join (see LlamaCppModel.extend_fits)."""
+        """Whether each new node, in order, could join with `ids_left` fresh ids: the rule `extend`
+        applies (a parent's first child inherits its id; a parent in the same batch counts as new)."""
         inherited: set[int] = set()
         result = []
         for parent in parents:
-            if 0 <= parent < self.size and parent not in inherited and self.inheritable[parent]:
+            if parent >= 0 and parent not in inherited and (parent >= self.size or self.inheritable[parent]):
                 inherited.add(parent)
                 result.append(True)
             elif ids_left > 0:
@@ -465,18 +465,6 @@ class _OpenTree:
             else:
                 result.append(False)
         return result
-
-    def _ids_needed(self, parents: list[int]) -> int:
-        """Fresh ids `extend(parents)` would take: one per new node that is not its parent's first child."""
-        first_new = self.size
-        inherited: set[int] = set()
-        needed = 0
-        for parent in parents:
-            if parent >= 0 and parent not in inherited and (parent >= first_new or self.inheritable[parent]):
-                inherited.add(parent)
-            else:
-                needed += 1
-        return needed
 
     def _too_many_leaves(self) -> DuospecError:
         return DuospecError(
