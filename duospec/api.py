@@ -133,6 +133,11 @@ class GenerationStream:
         if tail:
             yield StreamChunk(tail, [])
 
+    @property
+    def token_ids(self) -> list[int]:
+        """Every token accepted so far (a live view; copy it to keep it)."""
+        return self._assembler.token_ids
+
     def stop(self, reason: str) -> GenerationResult:
         """End early (Ctrl-C in the caller's own code, an error) and keep everything generated so far."""
         if self.result is None:
@@ -374,28 +379,7 @@ class Pipeline:
         prompt: text (one user turn), token ids, or chat messages [{"role": ..., "content": ...}, ...]
         (a multi-turn conversation; the chat template is required then).
         """
-        if isinstance(prompt, list) and not prompt:
-            raise DuospecError("the prompt is empty; give text, token ids or chat messages")
-        if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
-            return self._encode_messages(prompt)
-        if isinstance(prompt, list):
-            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.target.vocab_size for t in prompt):
-                raise DuospecError(f"a token-id prompt must be a list of ints in [0, {self.target.vocab_size})")
-            return list(prompt)
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise DuospecError("the prompt is empty; give some text (or '-' to read it from standard input)")
-        use_chat = chat if chat is not None else bool(getattr(self.tokenizer, "chat_template", None))
-        if use_chat:
-            return self._encode_messages([{"role": "user", "content": prompt}])
-        return self.tokenizer(prompt)["input_ids"]
-
-    def _encode_messages(self, messages: list[dict]) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise DuospecError("this tokenizer has no chat template; pass --no-chat (chat=False) with a text prompt")
-        if not all(isinstance(m.get("content"), str) and m.get("role") for m in messages):
-            raise DuospecError("chat messages need a 'role' and a string 'content' each")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_prompt(self.tokenizer, self.target.vocab_size, prompt, chat)
 
     # -- generation -----------------------------------------------------------------------------
     def stream(
@@ -564,6 +548,34 @@ class Pipeline:
             pass
         assert stream.result is not None
         return stream.result
+
+
+def encode_prompt(tokenizer, vocab_size: int, prompt: str | list[int] | list[dict], chat: bool | None = None) -> list[int]:
+    """Pipeline.encode with a given tokenizer (the server encodes with its own copy, beside the
+    generating thread: a transformers tokenizer is not safe to share between threads)."""
+    if isinstance(prompt, list) and not prompt:
+        raise DuospecError("the prompt is empty; give text, token ids or chat messages")
+    if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+        return _encode_messages(tokenizer, prompt)
+    if isinstance(prompt, list):
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in prompt):
+            raise DuospecError(f"a token-id prompt must be a list of ints in [0, {vocab_size})")
+        return list(prompt)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise DuospecError("the prompt is empty; give some text (or '-' to read it from standard input)")
+    use_chat = chat if chat is not None else bool(getattr(tokenizer, "chat_template", None))
+    if use_chat:
+        return _encode_messages(tokenizer, [{"role": "user", "content": prompt}])
+    return tokenizer(prompt)["input_ids"]
+
+
+def _encode_messages(tokenizer, messages: list[dict]) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DuospecError("this tokenizer has no chat template; pass --no-chat (chat=False) with a text prompt")
+    if not all(isinstance(m.get("content"), str) and m.get("role") for m in messages):
+        raise DuospecError("chat messages need a 'role' and a string 'content' each")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def load(

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     from duospec.bench.cli_commands import add_bench_commands
 
     add_bench_commands(commands)
+    from duospec.server.run import add_serve_command
+
+    add_serve_command(commands)
     return parser
 
 

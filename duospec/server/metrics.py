@@ -1,0 +1,65 @@
+"""What `GET /metrics` exports, in Prometheus' text format (prometheus_client, one registry per app)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from duospec.stats import GenerationStats
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+if hasattr(prometheus_client, "disable_created_metrics"):
+    prometheus_client.disable_created_metrics()  # the *_created series only add noise here
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class ServerMetrics:
+    """Counters the handlers and the generating thread update; gauges read the queue when scraped.
+
+    prometheus_client's metrics are thread-safe; the running sums behind the mean accepted tokens per
+    pass are kept here under a lock, since a Counter's value is not public API.
+    """
+
+    def __init__(self, queue_depth: Callable[[], int], running: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, cpu seconds, open fds
+        self.requests = Counter("duospec_requests", "HTTP requests answered, by endpoint and status code", ["endpoint", "status"], registry=self.registry)
+        self.prompt_tokens = Counter("duospec_prompt_tokens", "prompt tokens of the requests generated for", registry=self.registry)
+        self.generation_tokens = Counter("duospec_generation_tokens", "tokens generated", ["method"], registry=self.registry)
+        self.target_passes = Counter("duospec_target_passes", "forward passes of the target model", ["method"], registry=self.registry)
+        self.request_seconds = Histogram("duospec_request_seconds", "time from a request's arrival to its last token", registry=self.registry, buckets=_LATENCY_BUCKETS)
+        self.queue_seconds = Histogram("duospec_queue_seconds", "time a request waited for the model", registry=self.registry, buckets=_LATENCY_BUCKETS)
+        self.ttft_seconds = Histogram("duospec_time_to_first_token_seconds", "time from the start of generation to its first token", registry=self.registry, buckets=_LATENCY_BUCKETS)
+        Gauge("duospec_queue_depth", "requests waiting for the model", registry=self.registry).set_function(queue_depth)
+        Gauge("duospec_requests_running", "requests generating now", registry=self.registry).set_function(running)
+        Gauge("duospec_mean_accepted_tokens_per_pass", "generated tokens per target pass, over all requests since start", registry=self.registry).set_function(self.mean_accepted)
+        self._lock = threading.Lock()
+        self._tokens = 0
+        self._passes = 0
+
+    def count_request(self, endpoint: str, status: int) -> None:
+        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
+
+    def record_generation(self, stats: GenerationStats, queue_seconds: float, request_seconds: float) -> None:
+        """One finished (or cut short) generation's figures."""
+        self.prompt_tokens.inc(stats.prompt_tokens)
+        self.generation_tokens.labels(method=stats.method).inc(stats.new_tokens)
+        self.target_passes.labels(method=stats.method).inc(stats.target_passes)
+        self.queue_seconds.observe(queue_seconds)
+        self.request_seconds.observe(request_seconds)
+        if stats.ttft_seconds is not None:
+            self.ttft_seconds.observe(stats.ttft_seconds)
+        with self._lock:
+            self._tokens += stats.new_tokens
+            self._passes += stats.target_passes
+
+    def mean_accepted(self) -> float:
+        with self._lock:
+            return self._tokens / self._passes if self._passes else 0.0
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

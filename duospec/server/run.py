@@ -1,0 +1,152 @@
+"""`duospec serve`: load the pair, warm up, listen, and stop cleanly on Ctrl-C or SIGTERM (exit 0)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Callable
+
+from duospec.config import DuospecError
+from duospec.drafting import METHODS
+
+LOOPBACK = "127.0.0.1"
+GRACEFUL_SHUTDOWN_SECONDS = 30  # then uvicorn cancels what still runs (a cancelled generation stops at its round)
+
+
+def add_serve_command(commands: argparse._SubParsersAction) -> None:
+    from duospec.cli import add_model_arguments
+
+    serve = commands.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server (chat and text completions, streaming) on one loaded model pair",
+        description="Serve the OpenAI API (POST /v1/chat/completions, POST /v1/completions, GET /v1/models) plus GET /health "
+        "and GET /metrics (Prometheus). Requests run one at a time; up to --max-queue wait, more get 503 with Retry-After.",
+    )
+    group = serve.add_argument_group("server")
+    group.add_argument("--host", default=LOOPBACK, help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    group.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one and prints it)")
+    group.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (default: $DUOSPEC_API_KEY if set, else no key)")
+    group.add_argument("--served-model-name", default=None, help="the model id clients send and /v1/models lists (default: the target's name)")
+    group.add_argument("--method", default="auto", help=f"method of requests that name none (a request's 'method' field overrides it): {', '.join(METHODS)} (default auto)")
+    group.add_argument("--max-queue", type=int, default=8, help="requests that may wait beyond the running one; more get 503 (default 8)")
+    group.add_argument("--max-tokens", type=int, default=4096, help="the most tokens a request may ask for; also the default, within the context (default 4096)")
+    group.add_argument("--max-prompt-tokens", type=int, default=None, help="the longest prompt accepted, in tokens (default: the context minus one)")
+    group.add_argument("--max-body-bytes", type=int, default=2_000_000, help="the largest request body accepted (default 2000000)")
+    group.add_argument("--verbose", action="store_true", help="print each request's budget choice (costs, method) too")
+    add_model_arguments(serve)
+    serve.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn
+    except ImportError as missing:
+        raise DuospecError(f"duospec serve needs FastAPI, uvicorn and prometheus-client ({missing.name} is missing): pip install 'duospec[serve]'") from None
+    from duospec.cli import load_pipeline
+    from duospec.server.app import ServerSettings, create_app
+
+    _check_flags(args)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("DUOSPEC_API_KEY") or None
+    listener = _listen(args.host, args.port)  # before loading: a taken port costs no loading time
+    _configure_logging()
+    if args.host not in (LOOPBACK, "localhost", "::1"):
+        print(f"duospec: warning: listening on {args.host}: other machines can reach this server" + ("" if api_key else "; consider --api-key"), file=sys.stderr)
+    pipe = load_pipeline(args)
+    pipe.verbose = args.verbose
+    try:
+        _warm_up(pipe, args.method)
+        settings = ServerSettings(
+            model_name=args.served_model_name or pipe.target_source,
+            method=args.method,
+            api_key=api_key,
+            max_queue=args.max_queue,
+            max_tokens=args.max_tokens,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_body_bytes=args.max_body_bytes,
+        )
+        app = create_app(pipe, settings)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, lifespan="on")
+        server = _graceful_server(config, on_exit=app.state.duospec.scheduler.begin_shutdown)
+        host, port = listener.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"duospec: serving {settings.model_name!r} on http://{shown}:{port}/v1 (default method {args.method}, queue {args.max_queue}); Ctrl-C stops", file=sys.stderr, flush=True)
+        server.run(sockets=[listener])
+    finally:
+        pipe.close()  # no draft process outlives the server
+        listener.close()
+    print("duospec: server stopped", file=sys.stderr)
+    return 0
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Flag mistakes fail before any model loads."""
+    if args.method not in METHODS:
+        raise DuospecError(f"unknown method {args.method!r} for --method; choose one of: {', '.join(METHODS)}")
+    if not 0 <= args.port <= 65535:
+        raise DuospecError(f"--port must be in 0..65535, got {args.port}")
+    for flag, value, low in (("--max-queue", args.max_queue, 0), ("--max-tokens", args.max_tokens, 1), ("--max-body-bytes", args.max_body_bytes, 1024)):
+        if value < low:
+            raise DuospecError(f"{flag} must be at least {low}, got {value}")
+    if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
+        raise DuospecError(f"--max-prompt-tokens must be at least 1, got {args.max_prompt_tokens}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise DuospecError("--api-key is empty; give a key, or leave the flag out to serve without one")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (uvicorn serves on it), or a clear error when it cannot be had."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(128)
+    except OSError as error:
+        raise DuospecError(f"cannot listen on {host}:{port} ({error.strerror or error}); pick another --port (or --host)") from None
+    listener.set_inheritable(True)
+    return listener
+
+
+def _configure_logging() -> None:
+    """Request lines on stderr: 'time duospec.server: <id> <endpoint> <status> method=... tokens ...'."""
+    logger = logging.getLogger("duospec.server")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def _warm_up(pipe, method: str) -> None:
+    """One short generation with the default method before listening: loading its draft and measuring
+    its costs (once per machine, kept on disk) happens here, not in the first request's time to first token."""
+    prompt = pipe.encode("Hello", chat=False)
+    options = dict(method=method, max_new_tokens=4, temperature=0.0)
+    if METHODS[method].needs_draft_model and pipe.draft_source is None:
+        raise DuospecError(f"--method {method} needs a draft model; pass --draft, or choose ar, pld or auto")
+    pipe.generate(prompt, **options)
+
+
+def _graceful_server(config, on_exit: Callable[[], None]):
+    """uvicorn's Server, except that Ctrl-C/SIGTERM cancel the generation in flight at its next round
+    and the process exits 0 (uvicorn re-raises the caught signal after shutting down, which would
+    exit 130 or die by SIGTERM)."""
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            if not self.should_exit:
+                print(f"\nduospec: {signal.Signals(sig).name}: stopping (the request in flight ends at its next round)", file=sys.stderr, flush=True)
+                on_exit()
+                self.should_exit = True
+            elif sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C: stop waiting for connections
+
+    return GracefulServer(config)

@@ -1,0 +1,291 @@
+"""One generating thread, a bounded queue in front of it, and the events a request's handler reads.
+
+A Pipeline holds one KV cache per model, so requests run one at a time, on a CPU and on a GPU alike
+(no batching yet). The thread lives as long as the server: a Duo draft process started from it is
+tied to it (PR_SET_PDEATHSIG fires when the starting thread ends), and `close` stops the pipeline from
+it. Handlers (on the event loop) and this thread meet only through `Job`: its events queue (filled
+with call_soon_threadsafe) and its cancel flag, which the thread reads after every round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from duospec.config import DuospecError
+from duospec.server.errors import APIError, overloaded
+from duospec.server.metrics import ServerMetrics
+from duospec.server.stops import StopMatcher
+
+log = logging.getLogger("duospec.server")
+
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}  # ours -> OpenAI's
+STATUS_CLIENT_CLOSED = 499  # nginx's code for a client that left before its answer (metrics and logs only)
+
+
+@dataclass
+class Delta:
+    """Text (and the token ids behind it) of one round, safe to show (stop sequences held back)."""
+
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class Finished:
+    """The whole answer: text cut at a stop sequence, its token ids, the OpenAI finish reason, stats."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stats: dict
+
+
+@dataclass
+class Failed:
+    """The request could not be answered (or was cut short); `error` says why, `partial_text` keeps what was made."""
+
+    error: APIError
+    partial_text: str = ""
+
+
+@dataclass
+class Job:
+    """One admitted request: what to generate and where its events go."""
+
+    id: str
+    endpoint: str  # "/v1/chat/completions" or "/v1/completions", for logs and metrics
+    prompt_ids: list[int]
+    options: dict  # keyword arguments of Pipeline.stream (method, max_new_tokens, sampling, ...)
+    stops: list[str]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    arrived: float = field(default_factory=time.perf_counter)
+    state: str = "new"  # new -> queued -> running -> done, or queued -> dropped (its client left)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, event: Delta | Finished | Failed) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop has closed (the server is gone): nobody is listening
+            pass
+
+
+class Scheduler:
+    """Admits jobs into a bounded queue and runs them, one at a time, on its own thread."""
+
+    def __init__(self, pipeline, max_waiting: int, metrics: ServerMetrics) -> None:
+        self.pipeline = pipeline
+        self.max_waiting = max_waiting
+        self.metrics = metrics
+        self.closing = False
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.RLock()  # re-entrant: begin_shutdown runs in a signal handler
+        self._waiting = 0
+        self._running: Job | None = None
+        self._mean_seconds = 5.0  # request duration, for Retry-After; learned as requests finish
+        self._thread = threading.Thread(target=self._work, name="duospec-generate", daemon=True)
+
+    # -- the handlers' side (event loop) ----------------------------------------------------------
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    @property
+    def running(self) -> int:
+        return 1 if self._running is not None else 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue the job, or raise a 503 with Retry-After when the queue is full or the server stops."""
+        with self._lock:
+            if self.closing:
+                raise overloaded("the server is shutting down; send the request to another instance or retry later", 5)
+            if self._waiting >= self.max_waiting:
+                raise overloaded(
+                    f"the server is busy: {self._waiting} requests are waiting for the model (limit {self.max_waiting}, --max-queue); retry later",
+                    self.retry_after(),
+                )
+            self._waiting += 1
+            job.state = "queued"
+        self._queue.put(job)
+
+    def cancel(self, job: Job) -> None:
+        """The job's client has gone: a queued job leaves the queue now, a running one stops at its next round."""
+        with self._lock:
+            if job.state == "queued":
+                job.state = "dropped"
+                self._waiting -= 1
+        job.cancelled.set()
+
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely free: the queue ahead times the mean request time."""
+        return max(1, min(600, math.ceil(self._mean_seconds * (self._waiting + self.running))))
+
+    def begin_shutdown(self) -> None:
+        """Refuse new jobs, fail the queued ones with 503, stop the running one at its next round."""
+        with self._lock:
+            self.closing = True
+            queued = []
+            while True:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None and job.state == "queued":
+                    job.state = "dropped"
+                    self._waiting -= 1
+                    queued.append(job)
+        for job in queued:
+            job.emit(Failed(overloaded("the server is shutting down; the request was not started, retry it elsewhere or later", 5)))
+
+    def close(self, timeout: float = 60.0) -> None:
+        """begin_shutdown, then wait for the thread to finish its round and stop the pipeline."""
+        self.begin_shutdown()
+        self._queue.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- the generating thread --------------------------------------------------------------------
+    def _work(self) -> None:
+        try:
+            while True:
+                job = self._queue.get()
+                if job is None:
+                    break
+                with self._lock:
+                    if job.state != "queued":
+                        continue  # dropped: its client left while it waited
+                    self._waiting -= 1
+                    job.state = "running"
+                    self._running = job
+                try:
+                    self._run(job)
+                finally:
+                    with self._lock:
+                        job.state = "done"
+                        self._running = None
+        finally:
+            self.pipeline.close()  # a Duo draft process ends with the thread that started it
+
+    def _run(self, job: Job) -> None:
+        started = time.perf_counter()
+        queue_seconds = started - job.arrived
+        stream = None
+        try:
+            stream = self.pipeline.stream(job.prompt_ids, **job.options)
+            outcome = self._generate(job, stream)
+        except DuospecError as error:
+            outcome = Failed(APIError(400, str(error)), self._partial(stream))
+        except Exception:  # a bug: the client gets a 500 without internals, the log keeps the traceback
+            log.exception("%s: generation failed", job.id)
+            outcome = Failed(APIError(500, "generation failed inside the server; see its log", type="server_error"), self._partial(stream))
+        result = stream.result if stream is not None else None
+        seconds = time.perf_counter() - job.arrived
+        if result is not None:
+            self.metrics.record_generation(result.stats, queue_seconds, seconds)
+            self._mean_seconds = 0.7 * self._mean_seconds + 0.3 * (time.perf_counter() - started)
+        status = self._status(job, outcome)
+        self.metrics.count_request(job.endpoint, status)
+        self._log(job, status, outcome, result, queue_seconds, seconds)
+        job.emit(outcome)
+
+    def _generate(self, job: Job, stream) -> Finished | Failed:
+        """Run the stream round by round, sending each round's text; stop at a stop sequence, when the
+        client has gone, or when the server shuts down."""
+        matcher = StopMatcher(job.stops)
+        ended_by = None
+        rounds = iter(stream)  # held here: a `break` must not close it before stream.stop(reason) runs
+        for chunk in rounds:
+            text = matcher.push(chunk.text)
+            token_ids = chunk.token_ids
+            if matcher.stopped:
+                ended_by = "stop"
+                token_ids = self._trim_to_stop(stream, matcher, token_ids)
+            if text or token_ids:
+                job.emit(Delta(text, token_ids))
+            if ended_by is None and job.cancelled.is_set():
+                ended_by = "cancelled"
+            if ended_by is None and self.closing:
+                ended_by = "shutdown"
+            if ended_by is not None:
+                break
+        if ended_by is None:
+            tail = matcher.flush()
+            if tail:
+                job.emit(Delta(tail, []))
+            result = stream.result
+            return Finished(matcher.shown, result.token_ids, FINISH_REASONS.get(result.stats.finish_reason, "stop"), _stats(result.stats))
+        result = stream.stop(ended_by)
+        if ended_by == "cancelled":
+            return Failed(APIError(STATUS_CLIENT_CLOSED, "the client closed the connection"), matcher.shown)
+        if ended_by == "stop":
+            kept = self._stop_token_count(result.token_ids, matcher)
+            return Finished(matcher.shown, result.token_ids[:kept], "stop", _stats(result.stats))
+        message = f"the server is shutting down; the answer was cut short after {result.stats.new_tokens} tokens (partial_text holds them)"
+        return Failed(APIError(503, message, type="server_shutdown", code="server_shutting_down", headers={"Retry-After": "5"}), matcher.shown)
+
+    def _trim_to_stop(self, stream, matcher: StopMatcher, round_ids: list[int]) -> list[int]:
+        """The part of this round's token ids up to the one that completes the stop sequence."""
+        all_ids = stream.token_ids
+        kept = self._stop_token_count(all_ids, matcher)
+        before_round = len(all_ids) - len(round_ids)
+        return round_ids[: max(0, kept - before_round)]
+
+    def _stop_token_count(self, token_ids: list[int], matcher: StopMatcher) -> int:
+        """How many tokens the answer needed to complete its stop sequence (usage counts those)."""
+        needed = matcher.stop_end()
+        low, high = 1, len(token_ids)
+        while low < high:  # the shortest prefix whose text reaches the stop sequence's end
+            middle = (low + high) // 2
+            text = self.pipeline.tokenizer.decode(token_ids[:middle], skip_special_tokens=True)
+            if len(text) >= needed and not text.endswith("\ufffd"):
+                high = middle
+            else:
+                low = middle + 1
+        return low
+
+    @staticmethod
+    def _partial(stream) -> str:
+        if stream is None:
+            return ""
+        return stream.stop("error").text
+
+    def _status(self, job: Job, outcome: Finished | Failed) -> int:
+        if isinstance(outcome, Failed):
+            return outcome.error.status
+        return STATUS_CLIENT_CLOSED if job.cancelled.is_set() and outcome.finish_reason != "stop" else 200
+
+    def _log(self, job: Job, status: int, outcome, result, queue_seconds: float, seconds: float) -> None:
+        """The request's one log line: id, method, tokens, time, speed, how it ended."""
+        if result is None:
+            log.info("%s %s %d prompt=%d error=%r", job.id, job.endpoint, status, len(job.prompt_ids), outcome.error.message)
+            return
+        stats = result.stats
+        finish = outcome.finish_reason if isinstance(outcome, Finished) else stats.finish_reason
+        log.info(
+            "%s %s %d method=%s prompt=%d completion=%d finish=%s queue=%.2fs seconds=%.2f tok/s=%.1f accepted/pass=%.2f",
+            job.id, job.endpoint, status, stats.method, stats.prompt_tokens, stats.new_tokens, finish,
+            queue_seconds, seconds, stats.tokens_per_second, stats.mean_accepted,
+        )
+
+
+def _stats(stats) -> dict:
+    """duospec's own figures for a response's extra `duospec` field (OpenAI clients ignore it)."""
+    return {
+        "method": stats.method,
+        "tokens_per_second": round(stats.tokens_per_second, 3),
+        "ttft_seconds": None if stats.ttft_seconds is None else round(stats.ttft_seconds, 4),
+        "seconds": round(stats.seconds, 4),
+        "target_passes": stats.target_passes,
+        "mean_accepted": round(stats.mean_accepted, 3),
+        "acceptance_rate": None if stats.acceptance_rate is None else round(stats.acceptance_rate, 4),
+        "generated_tokens": stats.new_tokens,
+    }
