@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import signal
 import threading
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -74,7 +76,8 @@ def request(server, method: str, path: str, body: bytes | dict | None = None, he
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
     try:
         payload = json.dumps(body).encode() if isinstance(body, dict) else body
-        connection.request(method, path, body=payload, headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json", **(headers or {})})
+        merged = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json", **(headers or {})}
+        connection.request(method, path, body=payload, headers={k: v for k, v in merged.items() if v is not None})  # None: no such header
         response = connection.getresponse()
         raw = response.read()
         return response.status, (json.loads(raw) if raw else {}), dict(response.getheaders())
@@ -116,7 +119,7 @@ def test_openai_chat_gets_the_tokens_duospec_generate_gives(client, checkpoints,
         model="tiny", messages=[{"role": "user", "content": "hello world"}], max_tokens=40, temperature=0, stream=True,
         stream_options={"include_usage": True}, extra_body={"method": method, "return_token_ids": True},
     ))
-    streamed_ids = [t for chunk in chunks[:-2] for t in (chunk.model_extra.get("duospec") or {}).get("token_ids", [])]
+    streamed_ids = [t for chunk in chunks for t in (chunk.model_extra.get("duospec") or {}).get("token_ids", [])]
     assert streamed_ids == expected["token_ids"]
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == expected["text"]
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -144,6 +147,7 @@ def test_seeded_sampling_repeats_and_matches_generate(client, checkpoints, capsy
 def test_stop_sequence_cuts_the_answer_where_it_begins(client):
     full = client.completions.create(model="tiny", prompt="abc def", max_tokens=60, temperature=0, extra_body={"return_token_ids": True})
     text = full.choices[0].text
+    assert len(text) == 60  # the tiny model's greedy answer runs to max_tokens here
     stop = text[20:23]  # three characters from the middle (tiny tokens are characters)
     cut = text[: text.index(stop)]
     whole = client.completions.create(model="tiny", prompt="abc def", max_tokens=60, temperature=0, stop=[stop, "never-there"], extra_body={"return_token_ids": True})
@@ -158,7 +162,7 @@ def test_stop_sequence_cuts_the_answer_where_it_begins(client):
 
 def test_models_and_health(client, server):
     assert [m.id for m in client.models.list().data] == ["tiny"]
-    status, body, _ = request(server, "GET", "/health", headers={"Authorization": ""})  # no key needed
+    status, body, _ = request(server, "GET", "/health", headers={"Authorization": None})  # no key needed
     assert status == 200 and body["status"] == "ok" and body["running"] == 0
 
 
@@ -195,6 +199,10 @@ BAD_REQUESTS = [
     ("an empty prompt", "/v1/completions", {"model": "tiny", "prompt": "  "}, 400, "'prompt' is empty"),
     ("token ids out of the vocabulary", "/v1/completions", {"model": "tiny", "prompt": [1, 99999]}, 400, "token-id prompt"),
     ("echo", "/v1/completions", {"model": "tiny", "prompt": "a", "echo": True}, 400, "'echo' is not supported"),
+    ("JSON nested too deeply", CHAT, b"[" * 40_000, 400, "nested too deeply"),
+    ("a 5000-digit number", CHAT, b'{"max_tokens": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
+    ("a seed past 64 bits", CHAT, {**GOOD, "seed": 2**64}, 400, "64-bit integer"),
+    ("a huge top_k", CHAT, {**GOOD, "top_k": 2**63}, 400, "top_k must be"),
     ("a body over the limit", CHAT, {**GOOD, "messages": [{"role": "user", "content": "a" * (BODY_LIMIT + 10)}]}, 413, "--max-body-bytes"),
     ("an unknown route", "/v1/embeddings", GOOD, 404, "no route"),
 ]
@@ -228,9 +236,9 @@ def test_unknown_fields_are_ignored_and_logged(server):
 
 
 # -- API key ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("header", [None, "Bearer wrong-key", f"Basic {API_KEY}", f"Bearer {API_KEY}x", "Bearer "])
+@pytest.mark.parametrize("header", [None, "", "Bearer wrong-key", f"Basic {API_KEY}", f"Bearer {API_KEY}x", "Bearer "])
 def test_api_key_is_enforced(server, header):
-    headers = {"Authorization": header} if header is not None else {"Authorization": ""}
+    headers = {"Authorization": header}  # None: no Authorization header at all
     for method, path, body in (("POST", CHAT, GOOD), ("GET", "/v1/models", None)):
         status, answer, _ = request(server, method, path, body, headers=headers)
         assert status == 401 and answer["error"]["code"] == "invalid_api_key"
@@ -281,7 +289,6 @@ def test_load_every_request_answered_or_refused_nothing_lost_memory_back(server,
     assert refused and all(retry and int(retry) >= 1 for retry in refused), "a full queue must answer 503 with Retry-After"
     wait_idle(server)
     assert metric(server, "duospec_requests_total", '{endpoint="/v1/completions",status="503"}') - refused_before == len(refused)
-    assert metric(server, "duospec_queue_depth") == 0
     rss_after = metric(server, "process_resident_memory_bytes")
     assert rss_after < rss_before + 64 * 2**20, f"memory grew by {(rss_after - rss_before) / 2**20:.0f} MB over 64 requests"
 
@@ -319,7 +326,7 @@ def test_a_client_leaving_mid_stream_frees_the_slot(server):
     response.readline()  # the first event: generation is under way
     connection.sock.shutdown(2)
     connection.close()
-    wait_idle(server, seconds=15)  # 1,400 tokens would take several seconds more
+    wait_idle(server, seconds=3)  # 1,400 tokens take about 6 s; a cancelled job ends within a round
     line = server.wait_for_log(r"cmpl-\w+ /v1/completions 499 method=sd prompt=3 completion=(\d+) finish=cancelled")
     assert int(line.group(1)) < 1400
     assert metric(server, "duospec_requests_total", '{endpoint="/v1/completions",status="499"}') == closed_before + 1
@@ -328,12 +335,49 @@ def test_a_client_leaving_mid_stream_frees_the_slot(server):
 def test_a_client_leaving_while_waiting_for_a_whole_answer_frees_the_slot(server):
     wait_idle(server)
     connection, _ = completion_connection(server, {"model": "tiny", "prompt": "wxyz", "max_tokens": 1400, "temperature": 0})
-    time.sleep(0.5)  # generation is under way
+    wait_running(server)
     connection.sock.shutdown(2)
     connection.close()
-    wait_idle(server, seconds=15)
+    wait_idle(server, seconds=3)
     line = server.wait_for_log(r"cmpl-\w+ /v1/completions 499 method=sd prompt=4 completion=(\d+) finish=cancelled")
     assert int(line.group(1)) < 1400
+
+
+def wait_running(server, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while request(server, "GET", "/health")[1]["running"] != 1:
+        assert time.monotonic() < deadline, "the request did not start"
+        time.sleep(0.02)
+
+
+def test_a_client_leaving_the_queue_frees_its_place(server):
+    wait_idle(server)
+    running, response = completion_connection(server, {"model": "tiny", "prompt": "abc", "max_tokens": 1400, "temperature": 0, "stream": True})
+    response.readline()
+    queued, _ = completion_connection(server, {"model": "tiny", "prompt": "abcdefgh", "max_tokens": 5, "temperature": 0})
+    deadline = time.monotonic() + 10
+    while request(server, "GET", "/health")[1]["waiting"] != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    queued.sock.shutdown(2)
+    queued.close()
+    server.wait_for_log(r"cmpl-\w+ /v1/completions 499 prompt=8 left the queue before it started", seconds=10)
+    status, body, _ = request(server, "GET", "/health")
+    assert body["waiting"] == 0 and body["running"] == 1  # its place is free while the first still runs
+    running.sock.shutdown(2)
+    running.close()
+    wait_idle(server, seconds=3)
+
+
+def test_a_body_cut_off_mid_upload_is_no_server_error(server):
+    import socket
+
+    raw = socket.create_connection(("127.0.0.1", server.port))
+    raw.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nContent-Length: 1000\r\n\r\n{{\"prompt\": ".encode())
+    time.sleep(0.2)
+    raw.close()
+    server.wait_for_log(r"POST /v1/completions 499 .*before sending the whole body")
+    assert "Traceback" not in server.log and request(server, "GET", "/health")[0] == 200
 
 
 # -- shutdown -----------------------------------------------------------------------------------------
@@ -341,7 +385,8 @@ def test_a_client_leaving_while_waiting_for_a_whole_answer_frees_the_slot(server
 def test_signal_cancels_the_stream_in_flight_exits_0_and_leaves_no_child(checkpoints, tmp_path, sig, method):
     """With --method duo the draft runs in a child process: it must not outlive the server. (Ctrl-C
     is checked with sd: a duo server takes about 25 s to start here, its draft process's set-up.)"""
-    server = ServerProcess([*model_flags(checkpoints), "--method", method], cache=tmp_path)
+    queue = "0" if method == "sd" else "4"
+    server = ServerProcess([*model_flags(checkpoints), "--method", method, "--max-queue", queue], cache=tmp_path)
     try:
         children = server.children()
         assert children or method != "duo", "duo's draft process should be running after the warm-up"
@@ -350,6 +395,16 @@ def test_signal_cancels_the_stream_in_flight_exits_0_and_leaves_no_child(checkpo
         response = connection.getresponse()
         assert response.status == 200
         first = response.readline()  # the first event: generation is under way
+        body = {"prompt": "queued", "max_tokens": 5}
+        if queue == "0":  # --max-queue 0: nothing may wait while one runs
+            assert request(server, "POST", "/v1/completions", body)[0] == 503
+            queued = None
+        else:
+            queued = ThreadPoolExecutor(1).submit(request, server, "POST", "/v1/completions", body)
+            deadline = time.monotonic() + 10
+            while request(server, "GET", "/health")[1]["waiting"] != 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
         server.process.send_signal(sig)
         events = [line[6:] for line in (first + response.read()).decode().splitlines() if line.startswith("data: ")]
         assert server.process.wait(30) == 0, server.log
@@ -359,6 +414,9 @@ def test_signal_cancels_the_stream_in_flight_exits_0_and_leaves_no_child(checkpo
         assert last["error"]["code"] == "server_shutting_down" and last["error"]["partial_text"]
         streamed = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-2])
         assert last["error"]["partial_text"] == streamed
+        if queued is not None:  # a request still waiting when the signal came is refused, not dropped
+            status, answer, headers = queued.result(30)
+            assert status == 503 and "shutting down" in answer["error"]["message"] and headers.get("retry-after")
         assert "Traceback" not in server.log and "server stopped" in server.log
         time.sleep(0.5)
         assert not [pid for pid in children if _alive(pid)], "a child process outlived the server"
@@ -400,3 +458,27 @@ def test_listening_beyond_loopback_warns(capsys, tmp_path):
 def test_bad_serve_flags_fail_before_loading(capsys, flags, message):
     assert main(["serve", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+# -- the real default pair ----------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.real_model
+@pytest.mark.parametrize("method", ["sd", "auto"])
+def test_real_pair_openai_client_gets_the_tokens_of_duospec_generate(tmp_path, capsys, method):
+    """The embedded pair on its default backend (llama.cpp where installed): greedy, streamed and not."""
+    from test_real_models import PROMPTS, _require_models
+
+    _require_models()
+    prompt = PROMPTS[0]
+    assert main(["generate", prompt, "--json", "--method", method, "--max-new-tokens", "48"]) == 0
+    expected = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    server = ServerProcess(["--method", method], cache=Path(os.environ.get("DUOSPEC_CACHE", Path.home() / ".cache" / "duospec")))  # the converted models
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=600)
+        messages = [{"role": "user", "content": prompt}]
+        whole = client.chat.completions.create(model="qwen2.5-coder-1.5b-instruct", messages=messages, max_tokens=48, temperature=0, extra_body={"return_token_ids": True})
+        assert whole.model_extra["duospec"]["token_ids"] == expected["token_ids"] and whole.choices[0].message.content == expected["text"]
+        chunks = list(client.chat.completions.create(model="qwen2.5-coder-1.5b-instruct", messages=messages, max_tokens=48, temperature=0, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected["text"]
+    finally:
+        assert server.stop() == 0, server.log

@@ -14,6 +14,7 @@ import hmac
 import json
 import logging
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,14 +23,16 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from duospec.api import encode_prompt
 from duospec.config import DuospecError, GenerationRequest, SamplingConfig
 from duospec.drafting import METHODS
 from duospec.server.errors import APIError, bad_request
 from duospec.server.metrics import CONTENT_TYPE, ServerMetrics
-from duospec.server.scheduler import Delta, Failed, Finished, Job, Scheduler
+from duospec.server.scheduler import STATUS_CLIENT_CLOSED, Delta, Failed, Finished, Job, Scheduler
 from duospec.server.schema import GenerationSpec, parse_chat, parse_completion, parse_json
 
 log = logging.getLogger("duospec.server")
@@ -58,6 +61,8 @@ class ServerState:
         self.settings = settings
         # The generating thread uses the pipeline's tokenizer; handlers encode prompts with a copy.
         self.tokenizer = copy.deepcopy(pipeline.tokenizer)
+        self.tokenizer_lock = threading.Lock()  # handlers encode in worker threads (off the event loop)
+        self.loop: asyncio.AbstractEventLoop | None = None  # set at start-up: signals hand work to it
         self.context = pipeline.target.max_context
         self.metrics = ServerMetrics(lambda: self.scheduler.waiting, lambda: self.scheduler.running)
         self.scheduler = Scheduler(pipeline, settings.max_queue, self.metrics)
@@ -70,6 +75,7 @@ def create_app(pipeline, settings: ServerSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.loop = asyncio.get_running_loop()
         state.scheduler.start()
         try:
             yield
@@ -90,7 +96,7 @@ def create_app(pipeline, settings: ServerSettings) -> FastAPI:
         message = f"{request.method} {request.url.path}: {error.detail}"
         if error.status_code == 404:
             message = f"no route {request.method} {request.url.path}; the API is under /v1 (chat/completions, completions, models), plus /health and /metrics"
-        return await api_error(request, APIError(error.status_code, message, code=code))
+        return await api_error(request, APIError(error.status_code, message, code=code, headers=dict(error.headers or {})))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -98,13 +104,14 @@ def create_app(pipeline, settings: ServerSettings) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception) -> JSONResponse:
-        log.exception("%s %s: unexpected error", request.method, request.url.path)
-        return await api_error(request, APIError(500, "the server failed on this request; see its log", type="server_error"))
+        # A last resort (Starlette logs these once more itself); the completion routes catch their own.
+        return await api_error(request, _internal(request))
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        status = 503 if state.scheduler.closing else 200
-        body = {"status": "stopping" if status == 503 else "ok", "model": settings.model_name, "waiting": state.scheduler.waiting, "running": state.scheduler.running}
+        healthy = state.scheduler.alive and not state.scheduler.closing
+        status = 200 if healthy else 503
+        body = {"status": "ok" if healthy else "stopping" if state.scheduler.closing else "generating thread stopped", "model": settings.model_name, "waiting": state.scheduler.waiting, "running": state.scheduler.running}
         return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")
@@ -125,11 +132,11 @@ def create_app(pipeline, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await _complete(state, request, parse_chat)
+        return await _guarded(state, request, parse_chat)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await _complete(state, request, parse_completion)
+        return await _guarded(state, request, parse_completion)
 
     return app
 
@@ -153,11 +160,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise APIError(STATUS_CLIENT_CLOSED, "the client closed the connection before sending the whole body") from None
     return b"".join(chunks)
 
 
@@ -178,12 +188,21 @@ def _method(state: ServerState, spec: GenerationSpec) -> str:
     return method
 
 
-def _prompt_ids(state: ServerState, spec: GenerationSpec) -> list[int]:
-    chat = True if spec.endpoint == "chat" else False
+def _encode(state: ServerState, spec: GenerationSpec) -> list[int]:
+    """The prompt's token ids (run in a worker thread: a long prompt must not stall the event loop)."""
+    chat = spec.endpoint == "chat"
     try:
-        ids = encode_prompt(state.tokenizer, state.pipeline.target.vocab_size, spec.prompt, chat)
+        with state.tokenizer_lock:
+            return encode_prompt(state.tokenizer, state.pipeline.target.vocab_size, spec.prompt, chat)
     except DuospecError as error:
         raise bad_request(str(error), param="messages" if chat else "prompt") from None
+    except TemplateError as error:  # e.g. a template that wants user/assistant turns to alternate
+        raise bad_request(f"the model's chat template refuses these messages: {error}", param="messages") from None
+
+
+async def _prompt_ids(state: ServerState, spec: GenerationSpec) -> list[int]:
+    chat = spec.endpoint == "chat"
+    ids = await asyncio.to_thread(_encode, state, spec)
     limit = state.settings.max_prompt_tokens
     if state.context is not None and len(ids) >= state.context:
         raise bad_request(
@@ -225,13 +244,28 @@ def _options(method: str, spec: GenerationSpec, max_tokens: int) -> dict:
 
 
 # -- answering --------------------------------------------------------------------------------------
+def _internal(request: Request) -> APIError:
+    log.exception("%s %s: unexpected error", request.method, request.url.path)
+    return APIError(500, "the server failed on this request; see its log", type="server_error")
+
+
+async def _guarded(state: ServerState, request: Request, parse) -> Response:
+    """_complete, with an unexpected error answered as a 500 object here (logged once, with its traceback)."""
+    try:
+        return await _complete(state, request, parse)
+    except APIError:
+        raise
+    except Exception:
+        raise _internal(request) from None
+
+
 async def _complete(state: ServerState, request: Request, parse) -> Response:
     _check_api_key(state, request)
     spec = parse(parse_json(await _read_body(request, state.settings.max_body_bytes)))
     if spec.model is not None and spec.model != state.settings.model_name:
         raise _unknown_model(state, spec.model)
     method = _method(state, spec)
-    prompt_ids = _prompt_ids(state, spec)
+    prompt_ids = await _prompt_ids(state, spec)
     options = _options(method, spec, _max_tokens(state, spec, len(prompt_ids)))
     prefix = "chatcmpl" if spec.endpoint == "chat" else "cmpl"
     job = Job(f"{prefix}-{secrets.token_hex(12)}", request.url.path, prompt_ids, options, spec.stop, asyncio.get_running_loop())
@@ -240,8 +274,23 @@ async def _complete(state: ServerState, request: Request, parse) -> Response:
     state.scheduler.submit(job)
     shape = _Shape(spec, job.id, state.settings.model_name, len(prompt_ids))
     if spec.stream:
-        return StreamingResponse(_sse(state, job, shape), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _JobStream(state, job, _sse(state, job, shape), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return await _whole(state, job, shape, request)
+
+
+class _JobStream(StreamingResponse):
+    """A stream that cancels its job however it ends: a client can leave before the event generator
+    ever starts (then the generator's own `finally` never runs)."""
+
+    def __init__(self, state: ServerState, job: Job, content, **options) -> None:
+        super().__init__(content, **options)
+        self._state, self._job = state, job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._state.scheduler.cancel(self._job)  # a no-op once the job is done
 
 
 async def _whole(state: ServerState, job: Job, shape: "_Shape", request: Request) -> Response:
@@ -359,7 +408,7 @@ class _Shape:
         if token_ids is not None and self.spec.return_token_ids:
             body["duospec"] = {"token_ids": token_ids}
         if final is not None:
-            body["duospec"] = self._duospec(final)
+            body["duospec"] = dict(final.stats)  # figures only: the chunks before carried the token ids
         return body
 
     def usage_chunk(self, finished: Finished) -> dict:

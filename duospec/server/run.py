@@ -72,7 +72,7 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         app = create_app(pipe, settings)
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, lifespan="on")
-        server = _graceful_server(config, on_exit=app.state.duospec.scheduler.begin_shutdown)
+        server = _graceful_server(config, on_exit=_shutdown_callback(app.state.duospec))
         host, port = listener.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"duospec: serving {settings.model_name!r} on http://{shown}:{port}/v1 (default method {args.method}, queue {args.max_queue}); Ctrl-C stops", file=sys.stderr, flush=True)
@@ -134,6 +134,19 @@ def _warm_up(pipe, method: str) -> None:
     pipe.generate(prompt, **options)
 
 
+def _shutdown_callback(state) -> Callable[[], None]:
+    """What a signal handler may do: hand begin_shutdown to the event loop (it takes locks that the
+    interrupted code could hold)."""
+
+    def on_exit() -> None:
+        if state.loop is not None:
+            state.loop.call_soon_threadsafe(state.scheduler.begin_shutdown)
+        else:  # before start-up finished: nothing is queued or running
+            state.scheduler.closing = True
+
+    return on_exit
+
+
 def _graceful_server(config, on_exit: Callable[[], None]):
     """uvicorn's Server, except that Ctrl-C/SIGTERM cancel the generation in flight at its next round
     and the process exits 0 (uvicorn re-raises the caught signal after shutting down, which would
@@ -143,7 +156,8 @@ def _graceful_server(config, on_exit: Callable[[], None]):
     class GracefulServer(uvicorn.Server):
         def handle_exit(self, sig: int, frame) -> None:
             if not self.should_exit:
-                print(f"\nduospec: {signal.Signals(sig).name}: stopping (the request in flight ends at its next round)", file=sys.stderr, flush=True)
+                # os.write, not print: print is not reentrant, and the signal may interrupt a log line
+                os.write(2, f"\nduospec: {signal.Signals(sig).name}: stopping (the request in flight ends at its next round)\n".encode())
                 on_exit()
                 self.should_exit = True
             elif sig == signal.SIGINT:

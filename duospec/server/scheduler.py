@@ -85,7 +85,7 @@ class Scheduler:
         self.metrics = metrics
         self.closing = False
         self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._lock = threading.RLock()  # re-entrant: begin_shutdown runs in a signal handler
+        self._lock = threading.Lock()
         self._waiting = 0
         self._running: Job | None = None
         self._mean_seconds = 5.0  # request duration, for Retry-After; learned as requests finish
@@ -100,30 +100,39 @@ class Scheduler:
     def running(self) -> int:
         return 1 if self._running is not None else 0
 
+    @property
+    def alive(self) -> bool:
+        """Whether the generating thread runs (a server without it can answer nothing)."""
+        return self._thread.is_alive()
+
     def start(self) -> None:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
         """Queue the job, or raise a 503 with Retry-After when the queue is full or the server stops."""
         with self._lock:
-            if self.closing:
+            if self.closing or not self.alive:
                 raise overloaded("the server is shutting down; send the request to another instance or retry later", 5)
-            if self._waiting >= self.max_waiting:
+            if self._waiting + self.running > self.max_waiting:  # one runs, max_waiting wait
                 raise overloaded(
                     f"the server is busy: {self._waiting} requests are waiting for the model (limit {self.max_waiting}, --max-queue); retry later",
                     self.retry_after(),
                 )
             self._waiting += 1
             job.state = "queued"
-        self._queue.put(job)
+            self._queue.put(job)  # under the lock: begin_shutdown's drain cannot miss it
 
     def cancel(self, job: Job) -> None:
         """The job's client has gone: a queued job leaves the queue now, a running one stops at its next round."""
         with self._lock:
-            if job.state == "queued":
+            dropped = job.state == "queued"
+            if dropped:
                 job.state = "dropped"
                 self._waiting -= 1
         job.cancelled.set()
+        if dropped:
+            self.metrics.count_request(job.endpoint, STATUS_CLIENT_CLOSED)
+            log.info("%s %s %d prompt=%d left the queue before it started (client gone) queue=%.2fs", job.id, job.endpoint, STATUS_CLIENT_CLOSED, len(job.prompt_ids), time.perf_counter() - job.arrived)
 
     def retry_after(self) -> int:
         """Seconds until a slot is likely free: the queue ahead times the mean request time."""
@@ -168,6 +177,9 @@ class Scheduler:
                     self._running = job
                 try:
                     self._run(job)
+                except BaseException:  # even a failure while reporting a failure must not end the thread
+                    log.exception("%s: the generating thread caught an error", job.id)
+                    job.emit(Failed(APIError(500, "generation failed inside the server; see its log", type="server_error")))
                 finally:
                     with self._lock:
                         job.state = "done"
@@ -254,9 +266,14 @@ class Scheduler:
 
     @staticmethod
     def _partial(stream) -> str:
+        """The text made before a failure ("" when even that cannot be had)."""
         if stream is None:
             return ""
-        return stream.stop("error").text
+        try:
+            return stream.stop("error").text
+        except Exception:
+            log.exception("could not keep the partial answer")
+            return ""
 
     def _status(self, job: Job, outcome: Finished | Failed) -> int:
         if isinstance(outcome, Failed):

@@ -104,8 +104,9 @@ def parse_json(body: bytes) -> dict:
     """The body as a JSON object, or a 400 saying what is wrong with it."""
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise bad_request(f"the request body is not valid JSON ({error}); send a JSON object") from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, bad UTF-8, a 5000-digit number, deep nesting
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+        raise bad_request(f"the request body is not valid JSON ({reason}); send a JSON object") from None
     if not isinstance(data, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
     return data
@@ -157,7 +158,7 @@ def _common(request: _CommonRequest, endpoint: str, prompt, max_tokens: int | No
         stream=request.stream,
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
         return_token_ids=request.return_token_ids,
-        ignored_fields=sorted(request.model_extra or {}),
+        ignored_fields=sorted([*(request.model_extra or {}), *(["tool_choice"] if getattr(request, "tool_choice", None) is not None else [])]),
     )
 
 
