@@ -221,6 +221,11 @@ class Pipeline:
         return self.draft_options.backend if self.draft_options is not None else self.backend
 
     @property
+    def has_draft(self) -> bool:
+        """Whether a draft model is available (named by its source, or attached in memory)."""
+        return self.draft_source is not None or self._draft is not None
+
+    @property
     def draft(self) -> Model:
         """The draft model, loaded on first use (methods without a draft never pay for it)."""
         if self._draft is None:
@@ -496,7 +501,7 @@ class Pipeline:
         from duospec.drafting.auto import AutoDrafter
         from duospec.drafting.chain import ChainDrafter
 
-        has_draft = self.draft_source is not None or self._draft is not None
+        has_draft = self.has_draft
         profile = self.target_profile()
         alpha = self._auto_alpha
         sd_policy, sequential_rate = None, 1.0 / profile.target_pass(1)

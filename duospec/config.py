@@ -47,11 +47,11 @@ class SamplingConfig:
                 f"is {MIN_TEMPERATURE:.4g}); use 0 for greedy decoding, which is what such a temperature amounts to"
             )
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not (0 <= self.top_k < 2**31):
-            raise DuospecError(f"top_k must be an integer in 0..2**31-1 (0 = off), got {self.top_k!r}")
+            raise DuospecError(f"top_k must be an integer >= 0 and < 2**31 (0 = off), got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
             raise DuospecError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}; pass e.g. --top-p 0.9")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or not (-(2**63) <= self.seed < 2**63)):
-            raise DuospecError(f"seed must be a 64-bit integer (-2**63 .. 2**63-1), got {self.seed!r}")
+            raise DuospecError(f"seed must be an integer that fits 64 bits (-2**63 .. 2**63-1), got {self.seed!r}")
 
     @property
     def is_greedy(self) -> bool:

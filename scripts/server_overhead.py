@@ -39,15 +39,19 @@ def main() -> int:
     parser.add_argument("--method", default="sd")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--per-task", type=int, default=1, help="Spec-Bench questions per task (first turn only)")
+    parser.add_argument("--rounds", type=int, default=1, help="run both sides this many times, alternating A B B A ... (machine drift cancels); medians per prompt")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench" / "server")
     parser.add_argument("model_flags", nargs="*", help="flags for both commands after --, e.g. -- --target X --draft Y")
     args = parser.parse_args()
     questions = load_questions(packaged_questions_path())
     prompts = [q.turns[0] for q in select_questions(questions, available_tasks(questions), args.per_task)]
 
-    direct = run_generate(prompts, args)
-    served = run_server(prompts, args)
-    rows = [compare(prompt, d, s) for prompt, d, s in zip(prompts, direct, served)]
+    directs, serveds = [], []
+    for round_number in range(args.rounds):
+        sides = [(directs, run_generate), (serveds, run_server)]
+        for results, run in sides if round_number % 2 == 0 else sides[::-1]:
+            results.append(run(prompts, args))
+    rows = [median_row([compare(prompt, d[i], s[i]) for d, s in zip(directs, serveds)]) for i, prompt in enumerate(prompts)]
     summary = summarise(rows, args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overhead.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
@@ -135,6 +139,12 @@ def compare(prompt: str, direct: dict, served: dict) -> dict:
     }
 
 
+def median_row(rows: list[dict]) -> dict:
+    """One prompt's figures over the rounds: medians of the numbers, tokens the same in every round."""
+    merged = {key: statistics.median(row[key] for row in rows) for key in rows[0] if isinstance(rows[0][key], float)}
+    return {**rows[0], **merged, "same_tokens": all(row["same_tokens"] for row in rows), "rounds": len(rows)}
+
+
 def summarise(rows: list[dict], args) -> dict:
     def median(key: str) -> float:
         return statistics.median(row[key] for row in rows)
@@ -146,6 +156,9 @@ def summarise(rows: list[dict], args) -> dict:
         "all_same_tokens": all(row["same_tokens"] for row in rows),
         "median_generate_ttft": median("generate_ttft"),
         "median_server_ttft_client": median("server_ttft_client"),
+        "rounds": args.rounds,
+        "median_server_tok_s_inside": median("server_tok_s_inside"),
+        "median_http_tok_s_ratio": statistics.median(r["server_tok_s_client"] / r["server_tok_s_inside"] for r in rows),
         "median_ttft_overhead_ms": 1000 * statistics.median(r["server_ttft_client"] - r["server_ttft_inside"] for r in rows),
         "median_generate_tok_s": median("generate_tok_s"),
         "median_server_tok_s_client": median("server_tok_s_client"),
@@ -164,7 +177,8 @@ def machine() -> str:
 
 def markdown(summary: dict, rows: list[dict]) -> str:
     lines = [
-        f"# HTTP overhead of `duospec serve` ({summary['method']}, {summary['max_tokens']} tokens, {summary['prompts']} prompts; {summary['machine']})",
+        f"# HTTP overhead of `duospec serve` ({summary['method']}, {summary['max_tokens']} tokens, {summary['prompts']} prompts, "
+        f"{summary['rounds']} alternating rounds, medians per prompt; {summary['machine']})",
         "",
         "| prompt | same tokens | tokens | TTFT generate | TTFT server (client) | TTFT server (inside) | tok/s generate | tok/s server (client) |",
         "|---|---|---|---|---|---|---|---|",
@@ -178,7 +192,8 @@ def markdown(summary: dict, rows: list[dict]) -> str:
         "",
         f"Medians: TTFT {summary['median_generate_ttft']:.3f} s (generate) vs {summary['median_server_ttft_client']:.3f} s (server, at the client); "
         f"the HTTP layer adds {summary['median_ttft_overhead_ms']:.1f} ms to the first token (client TTFT minus the server's own). "
-        f"Tokens/s {summary['median_generate_tok_s']:.2f} vs {summary['median_server_tok_s_client']:.2f} (ratio {summary['median_tok_s_ratio']:.3f}). "
+        f"Tokens/s {summary['median_generate_tok_s']:.2f} (generate) vs {summary['median_server_tok_s_client']:.2f} (server, at the client; ratio {summary['median_tok_s_ratio']:.3f}); "
+        f"at the client vs the server's own count: ratio {summary['median_http_tok_s_ratio']:.4f}. "
         f"Same tokens on every prompt: {summary['all_same_tokens']}.",
     ]
     return "\n".join(lines) + "\n"

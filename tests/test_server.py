@@ -201,7 +201,7 @@ BAD_REQUESTS = [
     ("echo", "/v1/completions", {"model": "tiny", "prompt": "a", "echo": True}, 400, "'echo' is not supported"),
     ("JSON nested too deeply", CHAT, b"[" * 40_000, 400, "nested too deeply"),
     ("a 5000-digit number", CHAT, b'{"max_tokens": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
-    ("a seed past 64 bits", CHAT, {**GOOD, "seed": 2**64}, 400, "64-bit integer"),
+    ("a seed past 64 bits", CHAT, {**GOOD, "seed": 2**64}, 400, "fits 64 bits"),
     ("a huge top_k", CHAT, {**GOOD, "top_k": 2**63}, 400, "top_k must be"),
     ("a body over the limit", CHAT, {**GOOD, "messages": [{"role": "user", "content": "a" * (BODY_LIMIT + 10)}]}, 413, "--max-body-bytes"),
     ("an unknown route", "/v1/embeddings", GOOD, 404, "no route"),
@@ -343,11 +343,16 @@ def test_a_client_leaving_while_waiting_for_a_whole_answer_frees_the_slot(server
     assert int(line.group(1)) < 1400
 
 
-def wait_running(server, seconds: float = 10) -> None:
+def wait_for_health(server, field: str, value: int, seconds: float = 10) -> None:
+    """Until /health reports `field` (running, waiting) == value."""
     deadline = time.monotonic() + seconds
-    while request(server, "GET", "/health")[1]["running"] != 1:
-        assert time.monotonic() < deadline, "the request did not start"
+    while request(server, "GET", "/health")[1][field] != value:
+        assert time.monotonic() < deadline, f"/health never reported {field} = {value}"
         time.sleep(0.02)
+
+
+def wait_running(server) -> None:
+    wait_for_health(server, "running", 1)
 
 
 def test_a_client_leaving_the_queue_frees_its_place(server):
@@ -355,10 +360,7 @@ def test_a_client_leaving_the_queue_frees_its_place(server):
     running, response = completion_connection(server, {"model": "tiny", "prompt": "abc", "max_tokens": 1400, "temperature": 0, "stream": True})
     response.readline()
     queued, _ = completion_connection(server, {"model": "tiny", "prompt": "abcdefgh", "max_tokens": 5, "temperature": 0})
-    deadline = time.monotonic() + 10
-    while request(server, "GET", "/health")[1]["waiting"] != 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for_health(server, "waiting", 1)
     queued.sock.shutdown(2)
     queued.close()
     server.wait_for_log(r"cmpl-\w+ /v1/completions 499 prompt=8 left the queue before it started", seconds=10)
@@ -401,10 +403,7 @@ def test_signal_cancels_the_stream_in_flight_exits_0_and_leaves_no_child(checkpo
             queued = None
         else:
             queued = ThreadPoolExecutor(1).submit(request, server, "POST", "/v1/completions", body)
-            deadline = time.monotonic() + 10
-            while request(server, "GET", "/health")[1]["waiting"] != 1:
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
+            wait_for_health(server, "waiting", 1)
         server.process.send_signal(sig)
         events = [line[6:] for line in (first + response.read()).decode().splitlines() if line.startswith("data: ")]
         assert server.process.wait(30) == 0, server.log
@@ -454,7 +453,7 @@ def test_listening_beyond_loopback_warns(capsys, tmp_path):
     assert code == 2 and "holds no config.json" in err  # the bad target still fails clearly
 
 
-@pytest.mark.parametrize("flags, message", [(["--method", "nope"], "unknown method"), (["--port", "70000"], "--port"), (["--max-tokens", "0"], "--max-tokens"), (["--api-key", " "], "--api-key is empty")])
+@pytest.mark.parametrize("flags, message", [(["--method", "nope"], "unknown method"), (["--port", "70000"], "--port"), (["--max-tokens", "0"], "--max-tokens"), (["--api-key", " "], "--api-key is empty"), (["--method", "sd", "--target", "/nowhere"], "needs a draft model")])
 def test_bad_serve_flags_fail_before_loading(capsys, flags, message):
     assert main(["serve", *flags]) == 2
     assert message in capsys.readouterr().err

@@ -67,7 +67,7 @@ class ServerState:
         self.metrics = ServerMetrics(lambda: self.scheduler.waiting, lambda: self.scheduler.running)
         self.scheduler = Scheduler(pipeline, settings.max_queue, self.metrics)
         self.created = int(time.time())
-        self.has_draft = pipeline.draft_source is not None or pipeline._draft is not None
+        self.has_draft = pipeline.has_draft
 
 
 def create_app(pipeline, settings: ServerSettings) -> FastAPI:

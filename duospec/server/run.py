@@ -95,6 +95,10 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise DuospecError(f"{flag} must be at least {low}, got {value}")
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         raise DuospecError(f"--max-prompt-tokens must be at least 1, got {args.max_prompt_tokens}")
+    from duospec.models.registry import DEFAULT_TARGET
+
+    if METHODS[args.method].needs_draft_model and args.draft is None and (args.target or DEFAULT_TARGET) != DEFAULT_TARGET:
+        raise DuospecError(f"--method {args.method} needs a draft model and --target {args.target} comes without one; pass --draft, or choose ar, pld or auto")
     if args.api_key is not None and not args.api_key.strip():
         raise DuospecError("--api-key is empty; give a key, or leave the flag out to serve without one")
 
@@ -127,11 +131,7 @@ def _configure_logging() -> None:
 def _warm_up(pipe, method: str) -> None:
     """One short generation with the default method before listening: loading its draft and measuring
     its costs (once per machine, kept on disk) happens here, not in the first request's time to first token."""
-    prompt = pipe.encode("Hello", chat=False)
-    options = dict(method=method, max_new_tokens=4, temperature=0.0)
-    if METHODS[method].needs_draft_model and pipe.draft_source is None:
-        raise DuospecError(f"--method {method} needs a draft model; pass --draft, or choose ar, pld or auto")
-    pipe.generate(prompt, **options)
+    pipe.generate(pipe.encode("Hello", chat=False), method=method, max_new_tokens=4, temperature=0.0)
 
 
 def _shutdown_callback(state) -> Callable[[], None]:
