@@ -334,11 +334,14 @@ def test_the_printed_resume_command_repeats_every_flag_that_decides_the_results(
 
     argv = ["bench", "--methods", "ar,sd", "--limit", "3", "--max-new-tokens", "9", "--temperature", "0", "--top-k", "5",
             "--top-p", "0.9", "--seed", "4", "--questions", str(questions), "--draft-quant", "none", "--dtype", "float32",
-            "--threads", "1", "--out", str(tmp_path / "run")]
+            "--threads", "1", "--out", str(tmp_path / "run"), "--target", str(tmp_path / "t"), "--draft", str(tmp_path / "d"),
+            "--device", "cpu", "--backend", "transformers", "--draft-backend", "transformers", "--draft-threads", "1", "--ctx-size", "512"]
     args = build_parser().parse_args(argv)
     command = bench_command(args, ["ar", "sd"], ["qa"], 3, tmp_path / "run")
     again = build_parser().parse_args(shlex.split(command)[1:])
-    for flag in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "questions", "draft_quant", "dtype", "threads", "target", "draft", "device"):
+    for flag in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "questions", "draft_quant", "dtype", "threads", "target", "draft",
+                 "device", "backend", "draft_backend", "draft_threads", "ctx_size"):
+        assert getattr(args, flag) is not None, flag  # a None == None check would prove nothing
         assert getattr(again, flag) == getattr(args, flag), flag
 
 

@@ -129,6 +129,12 @@ def test_missing_target_is_a_clear_error(capsys, tmp_path):
     assert code == 2 and "holds no config.json" in err
 
 
+def _default_sigint() -> None:
+    """In the child before exec: a suite run where SIGINT is ignored (nohup, a background job) must not
+    pass the ignore on, or the child would never stop."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_prints_what_was_generated(tmp_path):
     """A real SIGINT to a real process: the text streamed so far stays, the exit code is 130."""
     long_context = tiny_model(seed=0, max_positions=1_000_000)  # so generation is still running at the signal
@@ -138,16 +144,24 @@ def test_ctrl_c_prints_what_was_generated(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "duospec", "generate", "w1 w2 w3", "--method", "ar", "--max-new-tokens", "100000",
          "--no-chat", "--target", str(tmp_path), "--dtype", "float32"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_default_sigint,
     )
-    first_output = process.stdout.read(8)  # wait until generation has streamed something
-    time.sleep(0.5)
-    process.send_signal(signal.SIGINT)
-    rest, err = process.communicate(timeout=60)
-    assert process.returncode == 130
-    kept = re.search(r"interrupted; kept the (\d+) tokens generated so far", err)
-    assert kept and int(kept.group(1)) >= 1 and "Traceback" not in err
-    assert len(first_output + rest) >= int(kept.group(1))  # every kept token was printed (at least a character each)
+    try:
+        first: list[str] = []
+        reader = threading.Thread(target=lambda: first.append(process.stdout.read(8)), daemon=True)
+        reader.start()
+        reader.join(timeout=120)  # wait (with a deadline) until generation has streamed something
+        assert first and first[0], "nothing streamed within 120 s"
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        rest, err = process.communicate(timeout=60)
+        assert process.returncode == 130
+        kept = re.search(r"interrupted; kept the (\d+) tokens generated so far", err)
+        assert kept and int(kept.group(1)) >= 1 and "Traceback" not in err
+        assert len(first[0] + rest) >= int(kept.group(1))  # every kept token was printed (at least a character each)
+    finally:
+        process.kill()  # a no-op once it has exited; never a child left generating 100,000 tokens
+        process.wait(timeout=30)
 
 
 def test_ctrl_c_with_json_prints_the_partial_object(tmp_path):
@@ -159,24 +173,31 @@ def test_ctrl_c_with_json_prints_the_partial_object(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "duospec", "generate", "w1 w2 w3", "--method", "pld", "--max-new-tokens", "100000",
          "--no-chat", "--target", str(tmp_path), "--dtype", "float32", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_default_sigint,
     )
-    err_chunks: list[str] = []
-    reader = threading.Thread(target=lambda: err_chunks.extend(iter(lambda: process.stderr.read(1), "")), daemon=True)
-    reader.start()
-    deadline = time.monotonic() + 120
-    while "100%" not in "".join(err_chunks) and time.monotonic() < deadline:  # transformers' loading bar: loaded
-        assert process.poll() is None, "".join(err_chunks)
-        time.sleep(0.1)
-    time.sleep(2.0)  # generation is running (100000 tokens take minutes)
-    process.send_signal(signal.SIGINT)
-    out = process.stdout.read()
-    process.wait(timeout=60)
-    reader.join(timeout=10)
-    assert process.returncode == 130, "".join(err_chunks)
-    result = json.loads(out.strip().splitlines()[-1])
-    assert result["finish_reason"] == "interrupted" and result["method"] == "pld"
-    assert result["new_tokens"] == len(result["token_ids"]) >= 1 and result["text"]
+    try:
+        err_chunks: list[str] = []
+        reader = threading.Thread(target=lambda: err_chunks.extend(iter(lambda: process.stderr.read(1), "")), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 120
+        # The costs are measured (their line printed) right before generation starts: a signal before
+        # that would interrupt the measurement, which has no answer to print yet.
+        while "pass seconds by tokens per pass" not in "".join(err_chunks):
+            assert time.monotonic() < deadline, "costs not measured within 120 s:\n" + "".join(err_chunks)
+            assert process.poll() is None, "".join(err_chunks)
+            time.sleep(0.1)
+        time.sleep(1.0)  # generation is running (100000 tokens take minutes)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)  # --json streams nothing, so its pipe cannot fill meanwhile
+        out = process.stdout.read()  # at EOF now: bounded
+        reader.join(timeout=10)
+        assert process.returncode == 130, "".join(err_chunks)
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["finish_reason"] == "interrupted" and result["method"] == "pld"
+        assert result["new_tokens"] == len(result["token_ids"]) >= 1 and result["text"]
+    finally:
+        process.kill()
+        process.wait(timeout=30)
 
 
 def test_a_draft_with_another_vocabulary_is_refused_by_every_path(checkpoints, capsys, tmp_path):

@@ -2,7 +2,8 @@
 
 The fast tests build fake part packages (plain directories on sys.path) and replace the one-minute
 transformers conversion by a stub, so they check the file handling exactly in milliseconds. The one
-real conversion is marked slow and runs only where the default draft's packages are installed.
+real conversion (the 0.5B draft, about a minute) runs in the default suite wherever the default draft's
+packages are installed: otherwise only CI's `generate` command would convert, asserting nothing.
 """
 
 from __future__ import annotations
@@ -296,7 +297,6 @@ _DRAFT = EMBEDDED_MODELS[DEFAULT_DRAFT]
 _DRAFT_MISSING = [name for name in _DRAFT.import_names if importlib.util.find_spec(name) is None]
 
 
-@pytest.mark.slow
 @pytest.mark.real_model
 @pytest.mark.skipif(bool(_DRAFT_MISSING), reason=f"default draft packages not installed: {_DRAFT_MISSING}")
 def test_real_draft_converts_to_a_plain_checkpoint(cache):

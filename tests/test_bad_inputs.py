@@ -1,0 +1,127 @@
+"""Inputs at the edges, each with a clear error or the right result and nothing lost (issue 13's list):
+a draft with the same vocabulary size but other ids, a prompt one token short of the context, a prompt
+beside --prompts-file, an empty prompts file, chat messages without role or content, a pipeline reused
+after an interrupted generation, and a multi-byte character split across rounds."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from transformers import Qwen2Tokenizer
+
+from duospec.api import GenerationInterrupted, _TextAssembler, check_same_vocabulary
+from duospec.cli import main
+from duospec.config import DuospecError
+from tiny_models import SPECIALS, _CHARACTERS, tiny_model, tiny_pipeline, tiny_tokenizer
+
+CONTEXT = 32
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_model(seed=0, max_positions=CONTEXT)
+
+
+def test_a_draft_with_the_same_vocabulary_size_but_other_ids_is_refused():
+    same = tiny_tokenizer()
+    symbols = SPECIALS + _CHARACTERS[: 64 - len(SPECIALS)]
+    shuffled = symbols[:2] + list(reversed(symbols[2:]))  # same 64 strings, other ids
+    other = Qwen2Tokenizer(vocab={s: i for i, s in enumerate(shuffled)}, merges=[], unk_token="<|endoftext|>", eos_token="<eos>", pad_token="<|endoftext|>")
+    assert len(other.get_vocab()) == len(same.get_vocab())
+    with pytest.raises(DuospecError, match="do not share a tokenizer"):
+        check_same_vocabulary(same, other, "target", "draft")
+
+
+@pytest.mark.parametrize("method", ["ar", "sd", "pld", "specexec"])
+def test_a_prompt_one_token_short_of_the_context_gives_one_token(target, method):
+    pipe = tiny_pipeline(target, target)
+    prompt = [5 + (i % 40) for i in range(CONTEXT - 1)]
+    result = pipe.generate(prompt, method=method, max_new_tokens=10, temperature=0)
+    assert result.stats.new_tokens == 1 and result.stats.finish_reason in ("context", "eos")
+    with pytest.raises(DuospecError, match="context holds 32; shorten the prompt"):
+        pipe.generate(prompt + [7], method=method, max_new_tokens=10)
+
+
+def test_chat_messages_without_role_or_content_are_refused(target):
+    pipe = tiny_pipeline(target)
+    for messages in ([{"content": "hi"}], [{"role": "user"}], [{"role": "user", "content": None}], [{"role": "", "content": "x"}]):
+        with pytest.raises(DuospecError, match="need a 'role' and a string 'content'"):
+            pipe.generate(messages, max_new_tokens=2)
+
+
+def test_a_prompt_beside_prompts_file_and_an_empty_prompts_file(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("abc\n")
+    assert main(["generate", "xyz", "--prompts-file", str(prompts)]) == 2
+    assert "either a PROMPT or --prompts-file, not both" in capsys.readouterr().err
+    for content in ("", "\n\n  \n"):
+        prompts.write_text(content)
+        assert main(["generate", "--prompts-file", str(prompts)]) == 2
+        assert "holds no prompts" in capsys.readouterr().err
+
+
+def test_a_pipeline_reused_after_an_interrupt_answers_as_a_fresh_one(target):
+    """Ctrl-C in the middle of a round (here: inside the target's forward) must leave nothing behind
+    that changes the next answer: caches, budget state, the active stream."""
+    expected = tiny_pipeline(target, target).generate("abc", method="sd", max_new_tokens=20, temperature=0, chat=False)
+    pipe = tiny_pipeline(target, target)
+    pipe.generate("w", method="sd", max_new_tokens=2, chat=False)  # costs measured: the interrupt lands in generation
+    forward = pipe.target.forward
+    calls = {"n": 0}
+
+    def interrupted_forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    pipe.target.forward = interrupted_forward
+    with pytest.raises(GenerationInterrupted) as interrupt:
+        pipe.generate("abc", method="sd", max_new_tokens=20, temperature=0, chat=False)
+    partial = interrupt.value.result
+    assert partial.stats.finish_reason == "interrupted" and partial.token_ids == expected.token_ids[: len(partial.token_ids)]
+    pipe.target.forward = forward
+    again = pipe.generate("abc", method="sd", max_new_tokens=20, temperature=0, chat=False)
+    assert again.token_ids == expected.token_ids and again.text == expected.text
+
+
+def _gpt2_byte_symbols() -> dict[int, str]:
+    """GPT-2's byte -> symbol map (printable bytes stand for themselves, the rest shift past 255)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(shifted)}}
+
+
+def _byte_level_tokenizer() -> tuple[Qwen2Tokenizer, list[int]]:
+    """Single-byte tokens for "é" (0xC3 0xA9) and "東" (0xE6 0x9D 0xB1), in the GPT-2 byte map Qwen uses."""
+    byte_symbol = _gpt2_byte_symbols()
+    text = "aé東b"
+    symbols = ["<|endoftext|>", "<eos>", *dict.fromkeys(byte_symbol[b] for b in text.encode())]
+    tokenizer = Qwen2Tokenizer(vocab={s: i for i, s in enumerate(symbols)}, merges=[], unk_token="<|endoftext|>", eos_token="<eos>", pad_token="<|endoftext|>")
+    ids = [symbols.index(byte_symbol[b]) for b in text.encode()]
+    assert tokenizer.decode(ids) == text
+    return tokenizer, ids
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_multi_byte_character_split_across_rounds_streams_whole(seed):
+    tokenizer, ids = _byte_level_tokenizer()
+    rng = random.Random(seed)
+    rounds, rest = [], list(ids) * 3
+    while rest:  # random round sizes, so characters split at every possible byte boundary
+        size = rng.randint(1, 3)
+        rounds.append(rest[:size])
+        rest = rest[size:]
+    assembler = _TextAssembler(tokenizer)
+    pieces = [assembler.push(r) for r in rounds] + [assembler.flush()]
+    assert "".join(pieces) == "aé東b" * 3 and not any("\ufffd" in p for p in pieces)
+    assert assembler.text() == "aé東b" * 3
+
+
+def test_an_unfinished_character_at_the_very_end_is_flushed_not_lost():
+    tokenizer, ids = _byte_level_tokenizer()
+    assembler = _TextAssembler(tokenizer)
+    assert assembler.push(ids[:2]) == ""  # "a" and the first byte of "é": the round waits for the character
+    assert assembler.flush() == "a\ufffd"  # an answer cut inside a character: nothing lost, the replacement once
+    assert assembler.token_ids == ids[:2]  # the tokens are kept, whatever their text
