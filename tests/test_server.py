@@ -105,10 +105,13 @@ def generate_json(checkpoints, prompt: str, method: str, max_new_tokens: int, ca
 @pytest.mark.parametrize("method", ["sd", "pld", "ar"])
 def test_openai_chat_gets_the_tokens_duospec_generate_gives(client, checkpoints, capsys, method):
     expected = generate_json(checkpoints, "hello world", method, 40, capsys)
+    drafting = {"gamma": 4} if method != "ar" else {}  # drafts every round (tiny drafts cost as much as the target)
     whole = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "hello world"}], max_tokens=40, temperature=0,
-        extra_body={"method": method, "return_token_ids": True},
+        extra_body={"method": method, "return_token_ids": True, **drafting},
     )
+    if method != "ar":
+        assert whole.model_extra["duospec"]["acceptance_rate"] is not None  # draft tokens were verified
     assert whole.model_extra["duospec"]["token_ids"] == expected["token_ids"]
     assert whole.choices[0].message.content == expected["text"]
     assert whole.model_extra["duospec"]["method"] == method
@@ -117,7 +120,7 @@ def test_openai_chat_gets_the_tokens_duospec_generate_gives(client, checkpoints,
 
     chunks = list(client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "hello world"}], max_tokens=40, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"method": method, "return_token_ids": True},
+        stream_options={"include_usage": True}, extra_body={"method": method, "return_token_ids": True, **drafting},
     ))
     streamed_ids = [t for chunk in chunks for t in (chunk.model_extra.get("duospec") or {}).get("token_ids", [])]
     assert streamed_ids == expected["token_ids"]
@@ -129,8 +132,9 @@ def test_openai_chat_gets_the_tokens_duospec_generate_gives(client, checkpoints,
 
 def test_text_completion_gets_the_tokens_of_generate_without_chat(client, checkpoints, capsys):
     expected = generate_json(checkpoints, "abc def", "sd", 30, capsys, chat=False)
-    whole = client.completions.create(model="tiny", prompt="abc def", max_tokens=30, temperature=0, extra_body={"return_token_ids": True})
+    whole = client.completions.create(model="tiny", prompt="abc def", max_tokens=30, temperature=0, extra_body={"return_token_ids": True, "gamma": 3})
     assert whole.model_extra["duospec"]["token_ids"] == expected["token_ids"] and whole.choices[0].text == expected["text"]
+    assert whole.model_extra["duospec"]["acceptance_rate"] is not None
     streamed = client.completions.create(model="tiny", prompt="abc def", max_tokens=30, temperature=0, stream=True)
     assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == expected["text"]
 
@@ -203,6 +207,7 @@ BAD_REQUESTS = [
     ("a 5000-digit number", CHAT, b'{"max_tokens": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
     ("a seed past 64 bits", CHAT, {**GOOD, "seed": 2**64}, 400, "fits 64 bits"),
     ("a huge top_k", CHAT, {**GOOD, "top_k": 2**63}, 400, "top_k must be"),
+    ("gamma out of range", CHAT, {**GOOD, "gamma": 0}, 400, "gamma (draft tokens per round)"),
     ("a body over the limit", CHAT, {**GOOD, "messages": [{"role": "user", "content": "a" * (BODY_LIMIT + 10)}]}, 413, "--max-body-bytes"),
     ("an unknown route", "/v1/embeddings", GOOD, 404, "no route"),
 ]

@@ -234,10 +234,10 @@ def _max_tokens(state: ServerState, spec: GenerationSpec, prompt_tokens: int) ->
 
 def _options(method: str, spec: GenerationSpec, max_tokens: int) -> dict:
     """Pipeline.stream's keyword arguments, validated here (a bad value is a 400 before any queueing)."""
-    options = dict(method=method, max_new_tokens=max_tokens, temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k, seed=spec.seed)
+    options = dict(method=method, max_new_tokens=max_tokens, temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k, seed=spec.seed, gamma=spec.gamma)
     try:
         sampling = SamplingConfig(temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, seed=spec.seed)
-        GenerationRequest(method=method, max_new_tokens=max_tokens, sampling=sampling)
+        GenerationRequest(method=method, max_new_tokens=max_tokens, sampling=sampling, gamma=spec.gamma)
     except DuospecError as error:
         raise bad_request(str(error)) from None
     return options

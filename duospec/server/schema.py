@@ -42,7 +42,7 @@ class ChatMessage(_Body):
 
 
 class _CommonRequest(_Body):
-    """Fields both endpoints share, with duospec's extensions (`method`, `top_k`, `return_token_ids`)."""
+    """Fields both endpoints share, with duospec's extensions (`method`, `top_k`, `gamma`, `return_token_ids`)."""
 
     model: StrictStr | None = None
     max_tokens: StrictInt | None = None
@@ -59,6 +59,7 @@ class _CommonRequest(_Body):
     logit_bias: dict[str, Any] | None = None
     user: StrictStr | None = None
     method: StrictStr | None = None
+    gamma: StrictInt | None = None
     return_token_ids: StrictBool = False
 
 
@@ -97,6 +98,7 @@ class GenerationSpec:
     stream: bool = False
     include_usage: bool = False
     return_token_ids: bool = False
+    gamma: int | None = None  # draft tokens per round (sd, pld, ...); None: chosen from measured costs
     ignored_fields: list[str] = field(default_factory=list)
 
 
@@ -158,6 +160,7 @@ def _common(request: _CommonRequest, endpoint: str, prompt, max_tokens: int | No
         stream=request.stream,
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
         return_token_ids=request.return_token_ids,
+        gamma=request.gamma,
         ignored_fields=sorted([*(request.model_extra or {}), *(["tool_choice"] if getattr(request, "tool_choice", None) is not None else [])]),
     )
 
