@@ -223,8 +223,8 @@ def test_bad_request_gets_its_4xx_with_an_openai_error(server, path, body, statu
 
 
 def test_get_on_a_post_route_is_a_405_error_object(server):
-    status, answer, _ = request(server, "GET", CHAT)
-    assert status == 405 and "error" in answer
+    status, answer, headers = request(server, "GET", CHAT)
+    assert status == 405 and "error" in answer and headers.get("allow") == "POST"
 
 
 def test_the_openai_client_raises_its_own_error_classes(client):
