@@ -125,3 +125,17 @@ def test_an_unfinished_character_at_the_very_end_is_flushed_not_lost():
     assert assembler.push(ids[:2]) == ""  # "a" and the first byte of "é": the round waits for the character
     assert assembler.flush() == "a\ufffd"  # an answer cut inside a character: nothing lost, the replacement once
     assert assembler.token_ids == ids[:2]  # the tokens are kept, whatever their text
+
+
+@pytest.mark.parametrize("damaged", ["config.json", "tokenizer.json"])
+def test_a_damaged_file_in_a_checkpoint_names_the_checkpoint_and_the_fix(tmp_path, damaged):
+    import duospec
+
+    tiny_model(seed=0).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    (tmp_path / damaged).write_text("{broken")
+    with pytest.raises(DuospecError) as error:
+        duospec.load(str(tmp_path), backend="transformers", dtype="float32", progress=False)
+    message = str(error.value)
+    assert str(tmp_path) in message and "download or convert it again" in message
+    assert "hub id" not in message  # a local checkpoint is not mistaken for a missing download

@@ -220,6 +220,11 @@ def load_hf(
         tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation, **gguf)
     except OSError as error:
+        if Path(source).exists():  # a local checkpoint whose files cannot be used (a damaged config.json, ...)
+            raise DuospecError(
+                f"could not load the checkpoint in {source!r}: {error} If its files are damaged or incomplete, download "
+                "or convert it again (for the embedded models, delete its folder under the duospec cache)."
+            ) from error
         raise DuospecError(
             f"could not load model {source!r}: it is neither a local transformers checkpoint nor a hub id "
             f"that can be downloaded here (this machine may be offline). Details: {error}"
