@@ -67,7 +67,6 @@ class ServerState:
         self.metrics = ServerMetrics(lambda: self.scheduler.waiting, lambda: self.scheduler.running)
         self.scheduler = Scheduler(pipeline, settings.max_queue, self.metrics)
         self.created = int(time.time())
-        self.has_draft = pipeline.has_draft
 
 
 def create_app(pipeline, settings: ServerSettings) -> FastAPI:
@@ -183,7 +182,7 @@ def _method(state: ServerState, spec: GenerationSpec) -> str:
     method = spec.method or state.settings.method
     if method not in METHODS:
         raise bad_request(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}", param="method", code="method_not_found")
-    if METHODS[method].needs_draft_model and not state.has_draft:
+    if METHODS[method].needs_draft_model and not state.pipeline.has_draft:
         raise bad_request(f"method {method!r} needs a draft model and this server has none; start it with --draft, or ask for ar, pld or auto", param="method")
     return method
 
@@ -314,8 +313,7 @@ async def _whole(state: ServerState, job: Job, shape: "_Shape", request: Request
                 return error.response()
     finally:
         gone.cancel()
-        if job.state in ("queued", "running"):
-            state.scheduler.cancel(job)  # cancelled from outside (server shutdown, timeout)
+        state.scheduler.cancel(job)  # a no-op once the job is done; else (cancelled from outside) it stops
 
 
 async def _client_gone(request: Request) -> None:
@@ -327,36 +325,32 @@ async def _client_gone(request: Request) -> None:
 
 
 async def _sse(state: ServerState, job: Job, shape: "_Shape") -> AsyncIterator[str]:
-    """Server-sent events: OpenAI's chunks, then `data: [DONE]`. If the client leaves, this generator
-    is cancelled (or its next write fails) and the job stops at its next round."""
-    try:
-        if shape.spec.endpoint == "chat":
-            yield _event(shape.chunk({"role": "assistant", "content": ""}))
-        while True:
-            try:
-                event = await asyncio.wait_for(job.events.get(), KEEPALIVE_SECONDS)
-            except asyncio.TimeoutError:
-                yield ": waiting\n\n"
-                continue
-            if isinstance(event, Delta):
-                if event.text or shape.spec.return_token_ids:
-                    yield _event(shape.chunk({"content": event.text}, token_ids=event.token_ids))
-            elif isinstance(event, Finished):
-                yield _event(shape.chunk({}, finish_reason=event.finish_reason, final=event))
-                if shape.spec.include_usage:
-                    yield _event(shape.usage_chunk(event))
-                yield "data: [DONE]\n\n"
-                return
-            else:
-                error = event.error
-                body = error.body()
-                if event.partial_text:
-                    body["error"]["partial_text"] = event.partial_text
-                yield _event(body)
-                yield "data: [DONE]\n\n"
-                return
-    finally:
-        state.scheduler.cancel(job)  # a no-op once the job is done
+    """Server-sent events: OpenAI's chunks, then `data: [DONE]`. If the client leaves, _JobStream
+    cancels the job (it stops at its next round)."""
+    if shape.spec.endpoint == "chat":
+        yield _event(shape.chunk({"role": "assistant", "content": ""}))
+    while True:
+        try:
+            event = await asyncio.wait_for(job.events.get(), KEEPALIVE_SECONDS)
+        except asyncio.TimeoutError:
+            yield ": waiting\n\n"
+            continue
+        if isinstance(event, Delta):
+            if event.text or shape.spec.return_token_ids:
+                yield _event(shape.chunk({"content": event.text}, token_ids=event.token_ids))
+        elif isinstance(event, Finished):
+            yield _event(shape.chunk({}, finish_reason=event.finish_reason, final=event))
+            if shape.spec.include_usage:
+                yield _event(shape.usage_chunk(event))
+            yield "data: [DONE]\n\n"
+            return
+        else:
+            body = event.error.body()
+            if event.partial_text:
+                body["error"]["partial_text"] = event.partial_text
+            yield _event(body)
+            yield "data: [DONE]\n\n"
+            return
 
 
 def _event(data: dict) -> str:
