@@ -221,6 +221,11 @@ class Pipeline:
         return self.draft_options.backend if self.draft_options is not None else self.backend
 
     @property
+    def deterministic(self) -> bool:
+        """Whether the target runs in deterministic mode (models/deterministic.py)."""
+        return bool(getattr(self.target, "deterministic", False))
+
+    @property
     def has_draft(self) -> bool:
         """Whether a draft model is available (named by its source, or attached in memory)."""
         return self.draft_source is not None or self._draft is not None
@@ -598,6 +603,7 @@ def load(
     attn_implementation: str = "sdpa",
     progress: bool = True,
     offload: bool = False,
+    deterministic: bool = False,
 ) -> Pipeline:
     """Load a target model (default: the embedded Qwen2.5-Coder-1.5B-Instruct) and note the draft.
 
@@ -611,6 +617,9 @@ def load(
     context: llama.cpp KV cells per model (default 4096, capped by the model's trained context).
     offload: keep the target's decoder layers in pinned CPU memory and stream them to the GPU every pass
     (transformers on CUDA only; for SpecExec with targets larger than the GPU). The draft stays resident.
+    deterministic: the target's logits for every position of a multi-token pass are bit-identical to a
+    one-token decode of the same prefix, so greedy output of every method equals `ar` bit for bit
+    (transformers only; checked against this machine's kernels at load, refused where they cannot keep it).
     """
     from duospec.models.llamacpp import LlamaCppSettings
     from duospec.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
@@ -623,10 +632,11 @@ def load(
     target_name = target or DEFAULT_TARGET
     if draft is None and target_name == DEFAULT_TARGET:
         draft = DEFAULT_DRAFT
-    target_backend = resolve_backend(backend, target_name, torch_device)
+    target_backend = resolve_backend(backend, target_name, torch_device, deterministic=deterministic)
     llama = LlamaCppSettings() if context is None else LlamaCppSettings(context=context)
     target_options = LoadOptions(
-        backend=target_backend, device=torch_device, dtype=torch_dtype, threads=threads, llama=llama, attn_implementation=attn_implementation, offload=offload
+        backend=target_backend, device=torch_device, dtype=torch_dtype, threads=threads, llama=llama, attn_implementation=attn_implementation, offload=offload,
+        deterministic=deterministic,
     )
     draft_options = None
     quantization = "none"
@@ -637,7 +647,7 @@ def load(
             quantization = resolve_draft_quantization(draft_quantization, torch_device, torch_dtype)
         elif draft_quantization not in DRAFT_QUANTIZATIONS:
             raise DuospecError(f"unknown draft quantization {draft_quantization!r}; choose one of: {', '.join(DRAFT_QUANTIZATIONS)}")
-        draft_options = replace(target_options, backend=resolved, threads=draft_threads if draft_threads is not None else threads, quantization=quantization, offload=False)
+        draft_options = replace(target_options, backend=resolved, threads=draft_threads if draft_threads is not None else threads, quantization=quantization, offload=False, deterministic=False)
     loaded = load_model(target_name, target_options, name=target_name, progress=progress)
     if progress and backend == "auto":
         draft_note = f", draft on {draft_options.backend}" if draft_options is not None else ""

@@ -30,6 +30,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--draft-threads", type=int, default=None, help="CPU threads of the draft (default: as --threads)")
     group.add_argument("--ctx-size", type=int, default=None, help="llama.cpp: KV cache cells per model (default 4096, capped by the model's trained context)")
     group.add_argument("--offload", action="store_true", help="target weights in pinned CPU memory, streamed to the GPU layer by layer (needs CUDA; for SpecExec with targets larger than the GPU)")
+    group.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="every logit of a multi-token target pass bit-identical to a one-token decode, so greedy output of every method "
+        "equals ar's bit for bit (transformers backend; checked on this machine at load, refused where its kernels cannot keep it)",
+    )
 
 
 def load_pipeline(args: argparse.Namespace):
@@ -48,6 +54,7 @@ def load_pipeline(args: argparse.Namespace):
         draft_quantization=args.draft_quant,
         context=args.ctx_size,
         offload=args.offload,
+        deterministic=args.deterministic,
     )
 
 

@@ -117,7 +117,12 @@ def run_bench_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\nduospec: interrupted; every finished answer is saved in {out}/results.jsonl. To resume:\n  {command}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    run = {"methods": methods, "tasks": tasks, "limit": settings.limit, "questions": str(args.questions or "Spec-Bench (packaged)")}
+    run_methods = methods
+    if pipe.deterministic:
+        from duospec.bench.methods import with_default_mode
+
+        run_methods = with_default_mode(methods)  # with the default-mode answers that measure the mode's cost
+    run = {"methods": run_methods, "tasks": tasks, "limit": settings.limit, "questions": str(args.questions or "Spec-Bench (packaged)")}
     summary = write_report(out, records, collect_meta(pipeline_flags(pipe, settings), run, command))
     if "duo" in methods:
         from duospec.bench.timeline import write_timeline
@@ -135,7 +140,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     full_limit = max(sum(1 for q in questions if q.task == task) for task in tasks)
     if settings.limit < full_limit:
         full_out = Path("bench-results") / "full"
-        estimate = _full_run_estimate([r for r in records if r["method"] in methods], questions, tasks)
+        estimate = _full_run_estimate([r for r in records if r["method"] in run_methods], questions, tasks)
         print(f"the full run ({full_limit} questions per task; about {estimate} on this machine):")
         print(f"  {bench_command(args, methods, tasks, full_limit, full_out)}")
     return 0
@@ -172,7 +177,8 @@ def _planned_flags(args: argparse.Namespace, target: str, draft: str | None, set
     from duospec.models.loading import default_threads, resolve_backend
 
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
-    backend = resolve_backend(args.backend, target, device)
+    deterministic = getattr(args, "deterministic", False)
+    backend = resolve_backend(args.backend, target, device, deterministic=deterministic)
     label = None
     if draft is not None:
         draft_backend = resolve_backend(args.draft_backend or args.backend, draft, device)
@@ -182,6 +188,8 @@ def _planned_flags(args: argparse.Namespace, target: str, draft: str | None, set
     flags = result_flags(target, label, str(dtype), str(device), threads, settings)
     if backend != "transformers":
         flags["backend"] = backend
+    if deterministic:
+        flags["deterministic"] = True
     return flags
 
 
@@ -211,6 +219,8 @@ def _model_words(args: argparse.Namespace) -> list[str]:
         words += ["--dtype", args.dtype]
     if args.draft_quant != "auto":
         words += ["--draft-quant", args.draft_quant]
+    if getattr(args, "deterministic", False):
+        words.append("--deterministic")
     return words
 
 

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from duospec.api import GenerationResult, Pipeline
 
 BASELINE_METHOD = "ar"  # every speedup is measured against this method, in the same run
+# Under --deterministic, each of our methods also runs with the mode switched off for that answer, named
+# "<method>@default": the mode's cost is then measured in the same run, on the same questions.
+DEFAULT_MODE_SUFFIX = "@default"
 
 
 @dataclass(frozen=True)
@@ -39,8 +42,9 @@ class BenchMethod:
     generate: Callable[["Pipeline", list[int], DecodeSettings], "GenerationResult"]
 
 
-def bench_methods() -> dict[str, BenchMethod]:
-    """Our registered methods, then the transformers baselines (names are unique across both)."""
+def bench_methods(deterministic: bool = False) -> dict[str, BenchMethod]:
+    """Our registered methods, then the transformers baselines (names are unique across both); with
+    `deterministic`, also each of our methods in the default mode (DEFAULT_MODE_SUFFIX)."""
     from duospec.bench.baselines import BASELINES  # baselines build on the types above
     from duospec.bench.llama_baselines import LLAMA_BASELINES
     from duospec.drafting import METHODS
@@ -49,7 +53,27 @@ def bench_methods() -> dict[str, BenchMethod]:
         name: BenchMethod(name, spec.summary, spec.needs_draft_model, partial(_generate_ours, name))
         for name, spec in METHODS.items()
     }
-    return {**ours, **BASELINES, **LLAMA_BASELINES}
+    variants = {}
+    if deterministic:
+        variants = {
+            name + DEFAULT_MODE_SUFFIX: BenchMethod(name + DEFAULT_MODE_SUFFIX, f"{spec.summary}, default mode", spec.needs_draft_model, partial(_generate_default_mode, name))
+            for name, spec in METHODS.items()
+        }
+    return {**ours, **BASELINES, **LLAMA_BASELINES, **variants}
+
+
+def with_default_mode(methods: list[str]) -> list[str]:
+    """`methods` plus the default-mode variant of each of ours (a --deterministic run)."""
+    from duospec.drafting import METHODS
+
+    return [*methods, *(name + DEFAULT_MODE_SUFFIX for name in methods if name in METHODS)]
+
+
+def is_deterministic_answer(method: str, deterministic_run: bool) -> bool:
+    """Whether this method's answers in this run came from deterministic mode (and so must equal ar's exactly)."""
+    from duospec.drafting import METHODS
+
+    return deterministic_run and method in METHODS
 
 
 def resolve_methods(names: list[str] | None, has_draft: bool, has_gguf: bool = False) -> list[str]:
@@ -96,3 +120,12 @@ def _generate_ours(method: str, pipe: "Pipeline", prompt_ids: list[int], setting
         top_k=settings.top_k,
         seed=settings.seed,
     )
+
+
+def _generate_default_mode(method: str, pipe: "Pipeline", prompt_ids: list[int], settings: DecodeSettings) -> "GenerationResult":
+    """One of our methods with deterministic mode switched off for this answer only."""
+    pipe.target.set_deterministic(False)
+    try:
+        return _generate_ours(method, pipe, prompt_ids, settings)
+    finally:
+        pipe.target.set_deterministic(True)

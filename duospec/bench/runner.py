@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from duospec.bench.data import Question, available_tasks, file_sha256, load_questions, packaged_questions_path, select_questions
-from duospec.bench.methods import BASELINE_METHOD, DecodeSettings, bench_methods, resolve_methods
+from duospec.bench.methods import BASELINE_METHOD, DecodeSettings, bench_methods, is_deterministic_answer, resolve_methods, with_default_mode
 from duospec.bench.report import rate_ratio
 from duospec.bench.ties import divergence, near_tie_tolerance
 from duospec.config import DuospecError, SamplingConfig
@@ -92,6 +92,8 @@ def pipeline_flags(pipe: "Pipeline", settings: BenchSettings) -> dict:
     backend = getattr(pipe, "backend", "transformers")
     if backend != "transformers":  # runs from before the llama.cpp backend keep their flags (and can resume)
         flags["backend"] = backend
+    if getattr(pipe, "deterministic", False):  # likewise: only a deterministic run records the flag
+        flags["deterministic"] = True
     return flags
 
 
@@ -239,8 +241,11 @@ def run_bench(
     tasks = list(settings.tasks) if settings.tasks else available_tasks(questions)
     selected = select_questions(questions, tasks, settings.limit)
     methods = resolve_methods(list(settings.methods) if settings.methods else None, draft_name(pipe) is not None, pipe.has_gguf())
+    deterministic = getattr(pipe, "deterministic", False)
+    if deterministic:
+        methods = with_default_mode(methods)
     store = ResultsStore(out, pipeline_flags(pipe, settings))
-    registry = bench_methods()
+    registry = bench_methods(deterministic)
 
     pending = [
         (question, method, turn)
@@ -287,7 +292,8 @@ def _answer(pipe: "Pipeline", generate, question: Question, method: str, turn: i
     greedy = None
     reference = store.get((question.question_id, turn, BASELINE_METHOD))
     if settings.temperature == 0 and method != BASELINE_METHOD and reference is not None:
-        greedy = _greedy_check(pipe, prompt_ids, reference["token_ids"], result.token_ids, earlier)
+        exact = is_deterministic_answer(method, getattr(pipe, "deterministic", False))
+        greedy = _greedy_check(pipe, prompt_ids, reference["token_ids"], result.token_ids, earlier, exact)
     return {
         "config_key": store.key,
         "question_id": question.question_id,
@@ -316,17 +322,21 @@ def _answer(pipe: "Pipeline", generate, question: Question, method: str, turn: i
     }
 
 
-def _greedy_check(pipe: "Pipeline", prompt_ids: list[int], reference_ids: list[int], token_ids: list[int], earlier: list[dict]) -> dict:
+def _greedy_check(pipe: "Pipeline", prompt_ids: list[int], reference_ids: list[int], token_ids: list[int], earlier: list[dict], exact: bool = False) -> dict:
     """match / near_tie / mismatch against ar's answer. A later turn after a differing earlier one
-    has a different prompt, so it inherits the earlier turn's verdict instead of being compared."""
-    tolerance = near_tie_tolerance(pipe.dtype, getattr(pipe, "backend", "transformers"))
+    has a different prompt, so it inherits the earlier turn's verdict instead of being compared.
+
+    exact: a deterministic-mode answer, whose logits equal ar's bit for bit, so no difference is a
+    near-tie (tolerance 0: any divergence is a mismatch)."""
+    tolerance = 0.0 if exact else near_tie_tolerance(pipe.dtype, getattr(pipe, "backend", "transformers"))
     for record in earlier:
         if record["greedy"] and record["greedy"]["status"] != "match":
             return {"status": record["greedy"]["status"], "position": None, "margin": None, "tolerance": tolerance, "after_turn": record["turn"]}
     if token_ids == reference_ids:
         return {"status": "match", "position": None, "margin": None, "tolerance": tolerance}
     found = divergence(pipe, prompt_ids, reference_ids, token_ids, tolerance)
-    return {"status": "near_tie" if found.is_near_tie else "mismatch", "position": found.position, "margin": found.margin, "tolerance": tolerance}
+    near_tie = found.is_near_tie and not exact
+    return {"status": "near_tie" if near_tie else "mismatch", "position": found.position, "margin": found.margin, "tolerance": tolerance}
 
 
 class _RunningSpeedup:

@@ -17,7 +17,9 @@ from typing import Callable
 import torch
 
 from duospec.config import DuospecError
-from duospec.models.base import reduce_blocks
+from duospec.models import deterministic
+from duospec.models.base import LOGIT_BLOCK_ROWS, reduce_blocks
+from duospec.models.deterministic import RowCheck, RowPlan, row_plan
 from duospec.models.hf_cache import new_cache
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -26,7 +28,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 class HFModel:
     """A transformers causal LM plus its KV cache. Satisfies `duospec.models.base.Model`."""
 
-    def __init__(self, model: torch.nn.Module, name: str = "model") -> None:
+    def __init__(self, model: torch.nn.Module, name: str = "model", deterministic: bool = False) -> None:
         self.model = model.eval()
         self.name = name
         self.device = model.device
@@ -44,6 +46,37 @@ class HFModel:
         # blocks of hidden states; otherwise reduced forwards take the model's own logits.
         config = model.config
         self._plain_head = not getattr(config, "final_logit_softcapping", None) and getattr(config, "logit_scale", None) in (None, 1, 1.0)
+        self._default_attention = config._attn_implementation
+        self._row_check: RowCheck | None = None  # deterministic mode: row counts whose linear kernels were checked
+        self.deterministic = False
+        if deterministic:
+            self.set_deterministic(True)
+
+    def set_deterministic(self, enabled: bool) -> None:
+        """Deterministic mode (models/deterministic.py): every logit row bit-identical to a one-token
+        decode of its prefix. Turning it on checks this machine first and raises DuospecError where the
+        hardware cannot keep it; turning it off restores the attention the model was loaded with."""
+        if enabled == self.deterministic:
+            return
+        if not enabled:
+            self.model.set_attn_implementation(self._default_attention)
+            self.deterministic = False
+            return
+        deterministic.refuse_unsupported(self.model, self.device)
+        deterministic.register()
+        self.model.set_attn_implementation(deterministic.ROWWISE_ATTENTION)
+        self.deterministic = True
+        if self._row_check is not None:  # checked when first turned on
+            return
+        try:
+            self._row_check = deterministic.RowCheck(self.model)
+            for rows in deterministic.ROWS_CHECKED_AT_LOAD:
+                self._row_check.check(rows)
+            deterministic.probe(self)
+        except BaseException:
+            self._row_check = None
+            self.set_deterministic(False)
+            raise
 
     max_tree_leaves: int | None = None  # any tree shape: the 4-D mask has no leaf limit
     tree_ids_left: int | None = None
@@ -87,13 +120,35 @@ class HFModel:
         if positions is None:
             positions = torch.arange(start, start + n_new, device=self.device)
         attention_mask = None
-        if tree_mask is not None:
+        plan = None
+        if self.deterministic:
+            # Row-wise attention reads each row's keys from the plan; no 4-D mask is built. Every row
+            # count a pass uses has its linear kernels checked once (deterministic.RowCheck).
+            if tree_mask is not None and tuple(tree_mask.shape) != (n_new, start - tree_start + n_new):
+                raise ValueError(f"tree_mask must be [{n_new}, {start - tree_start + n_new}] (new tokens x open-tree tokens), got {tuple(tree_mask.shape)}")
+            plan = RowPlan(row_plan(start, tree_start, tree_mask), self.device)
+            if start > 0:  # a prefill is the same single pass for every method: its row count does not matter
+                self._row_check.check(n_new)
+                if reduce is not None and self._plain_head:
+                    for rows in {min(LOGIT_BLOCK_ROWS, n_new), n_new % LOGIT_BLOCK_ROWS or 1}:
+                        self._row_check.check(rows)
+        elif tree_mask is not None:
             if tuple(tree_mask.shape) != (n_new, start - tree_start + n_new):
                 raise ValueError(f"tree_mask must be [{n_new}, {start - tree_start + n_new}] (new tokens x open-tree tokens), got {tuple(tree_mask.shape)}")
             # Every new token sees the committed prefix and, among the open tree's tokens, its ancestors.
             attention_mask = torch.zeros(1, 1, n_new, start + n_new, dtype=self.dtype, device=self.device)
             attention_mask[0, 0, :, tree_start:].masked_fill_(~tree_mask.to(self.device), self._mask_min)
         inputs = {"input_ids": tokens.to(self.device)[None], "position_ids": positions.to(self.device)[None], "attention_mask": attention_mask, "use_cache": True}
+        if plan is not None:
+            with plan:
+                result = self._run(inputs, n_new, last_only, reduce)
+        else:
+            result = self._run(inputs, n_new, last_only, reduce)
+        self._tree_start = tree_start
+        self._cache_len = start + n_new
+        return result
+
+    def _run(self, inputs: dict, n_new: int, last_only: bool, reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
         if reduce is not None and self._plain_head:
             # Hidden states once, then the vocabulary projection block by block: never [n, V] at once.
             decoder = self.model.get_decoder()
@@ -104,8 +159,6 @@ class HFModel:
             out = self.model(**inputs, **{self._cache_kwarg: self.cache}, logits_to_keep=1 if last_only else 0)
             logits = out.logits[0]
             result = logits.float() if reduce is None else reduce_blocks(lambda begin, end: logits[begin:end].float(), logits.shape[0], reduce)
-        self._tree_start = tree_start
-        self._cache_len = start + n_new
         return result
 
     @torch.inference_mode()  # the cache tensors are inference tensors: in-place writes must happen in this mode

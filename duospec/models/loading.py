@@ -38,6 +38,7 @@ class LoadOptions:
     llama: LlamaCppSettings = field(default_factory=LlamaCppSettings)
     attn_implementation: str = "sdpa"
     offload: bool = False  # transformers on CUDA: decoder layers in pinned CPU memory, streamed per pass (models/offload.py)
+    deterministic: bool = False  # transformers: every logit row bit-identical to a one-token decode (models/deterministic.py)
 
 
 @dataclass
@@ -60,11 +61,22 @@ def has_gguf(source: str) -> bool:
     return source in EMBEDDED_MODELS or is_gguf_path(source)
 
 
-def resolve_backend(choice: str, source: str, device: torch.device) -> str:
-    """The backend that will run `source`: the user's choice checked, or the `auto` rule above."""
+def resolve_backend(choice: str, source: str, device: torch.device, deterministic: bool = False) -> str:
+    """The backend that will run `source`: the user's choice checked, or the `auto` rule above.
+
+    deterministic (the target under --deterministic): only transformers can keep it, so `auto` picks it
+    and an explicit llama.cpp is refused with the reason."""
     if choice not in BACKENDS:
         raise DuospecError(f"unknown backend {choice!r}; choose one of: {', '.join(BACKENDS)}")
+    if deterministic and choice == "llama.cpp":
+        raise DuospecError(
+            "--deterministic needs the transformers backend: llama.cpp computes a multi-token pass with other kernels than a "
+            "one-token pass (quantised activations, batched matmuls), and duospec cannot change that from outside. "
+            "Use --backend transformers (or auto) with --deterministic, or drop --deterministic"
+        )
     if choice == "auto":
+        if deterministic:
+            return "transformers"
         if device.type == "cpu" and has_gguf(source) and llama_cpp_available():
             return "llama.cpp"
         return "transformers"
@@ -157,6 +169,8 @@ def _load_transformers(source: str, options: LoadOptions, *, name: str | None, p
         from duospec.models.offload import offload_layers
 
         model = HFModel(offload_layers(model.model, options.device), name=model.name)  # model.device: now the GPU
+    if options.deterministic:
+        model.set_deterministic(True)  # checks this machine's kernels; raises DuospecError where it cannot be kept
     identity = [
         "transformers",
         source,
@@ -166,7 +180,7 @@ def _load_transformers(source: str, options: LoadOptions, *, name: str | None, p
         f"quant={options.quantization}",
         torch.__version__,
         platform.processor() or platform.machine(),
-    ] + (["offload"] if options.offload else [])  # an offloaded pass costs a PCIe read of the weights
+    ] + (["offload"] if options.offload else []) + (["deterministic"] if options.deterministic else [])  # both change a pass's cost
     return LoadedModel(model, tokenizer, hf_eos_ids(model, tokenizer), identity)
 
 
