@@ -249,3 +249,37 @@ def test_row_check_refuses_a_kernel_that_depends_on_the_row_count(monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "linear", row_count_dependent)
     with pytest.raises(DuospecError, match="depends on the row count"):
         check.check(5)
+
+
+def test_bench_runs_each_method_in_both_modes_and_allows_no_near_ties_in_the_mode(tmp_path):
+    from bench_fixtures import tiny_models, tiny_tokenizer as bench_tokenizer, write_small_questions
+    from duospec.bench.report import collect_meta, write_report
+    from duospec.bench.runner import BenchSettings, pipeline_flags, run_bench
+
+    tokenizer = bench_tokenizer()
+    target, draft = tiny_models(len(tokenizer))
+    pipeline = Pipeline(HFModel(bf16(target), deterministic=True), tokenizer, draft_source=None, device=torch.device("cpu"), dtype=torch.bfloat16, threads=1, progress=False)
+    pipeline.attach_draft(HFModel(bf16(draft)))
+    questions = write_small_questions(tmp_path / "q.jsonl", per_task=1)
+    settings = BenchSettings(methods=("sd", "specexec"), tasks=("qa", "math_reasoning"), limit=1, max_new_tokens=24, questions=questions, gamma=4, tree_budget=16)
+    records = run_bench(pipeline, settings, tmp_path / "out", progress=False)
+    methods = {record["method"] for record in records}
+    assert methods == {"ar", "sd", "specexec", "ar@default", "sd@default", "specexec@default"}
+    for record in records:
+        if record["method"] in ("sd", "specexec"):
+            assert record["greedy"]["status"] == "match" and record["greedy"]["tolerance"] == 0.0
+            assert record["accepted_tokens"] > 0 and max(record["tokens_per_pass"]) > 1
+        if record["method"] == "sd@default":
+            assert record["greedy"]["tolerance"] > 0  # the default mode keeps its rounding allowance
+    assert pipeline.deterministic  # the default-mode answers switched the mode back on afterwards
+    flags = pipeline_flags(pipeline, settings)
+    assert flags["deterministic"] is True and flags["gamma"] == 4 and flags["tree_budget"] == 16
+    write_report(tmp_path / "out", records, collect_meta(flags, {"methods": sorted(methods), "tasks": ["qa", "math_reasoning"], "limit": 1, "questions": str(questions)}, "duospec bench --deterministic"))
+    assert (tmp_path / "out" / "report.md").read_text().count("@default") >= 3
+
+
+def test_bench_refuses_a_gamma_out_of_range_before_loading():
+    from duospec.bench.runner import BenchSettings
+
+    with pytest.raises(DuospecError, match="gamma"):
+        BenchSettings(gamma=0).validate()

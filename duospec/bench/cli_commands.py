@@ -58,6 +58,8 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
         "plotting accepted tokens per target pass and tokens/s against budget (sweep.png, sweep.md, sweep.json)",
     )
     bench.add_argument("--tree-depth", type=int, default=None, help="specexec: the tree's depth cap (default 16)")
+    bench.add_argument("--gamma", type=int, default=None, help="fixed draft tokens per round for sd, pld, multiseq and duo (default: chosen from measured costs)")
+    bench.add_argument("--budget", type=int, default=None, help="fixed specexec tree budget (default: chosen each round from measured costs)")
     add_model_arguments(bench)
     bench.set_defaults(handler=run_bench_command)
 
@@ -90,6 +92,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
         tasks=args.tasks,
         limit=args.limit,
         questions=args.questions,
+        gamma=args.gamma,
+        tree_budget=args.budget,
         **decoding_options(args),
     )
     # Check everything that can be checked before spending time on loading models.
@@ -127,10 +131,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if "duo" in methods:
         from duospec.bench.timeline import write_timeline
 
-        from duospec.bench.methods import DecodeSettings
-
         question = next(q for q in questions if q.task in tasks)
-        decode = DecodeSettings(settings.max_new_tokens, settings.temperature, settings.top_p, settings.top_k, settings.seed)
+        decode = settings.decode()
         print(f"duospec: duo timeline of one answer: {write_timeline(out, pipe, pipe.encode(question.turns[0]), decode)}", file=sys.stderr)
         if pipe.duo_runtime().report:
             print("duospec: duo thread split:\n  " + "\n  ".join(pipe.duo_runtime().report), file=sys.stderr)
@@ -204,6 +206,9 @@ def bench_command(args: argparse.Namespace, methods: list[str], tasks: list[str]
     words += ["--seed", str(args.seed)]
     if args.questions is not None:
         words += ["--questions", str(args.questions)]
+    for flag, value in (("--gamma", getattr(args, "gamma", None)), ("--budget", getattr(args, "budget", None))):
+        if value is not None:
+            words += [flag, str(value)]
     return shlex.join([*words, *_model_words(args), "--out", str(out)])
 
 

@@ -31,6 +31,16 @@ class DecodeSettings:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    gamma: int | None = None  # chain methods' draft tokens per round; None = chosen from measured costs
+    tree_budget: int | None = None  # specexec's draft nodes per tree; None = chosen from measured costs
+
+    def method_options(self, method: str) -> dict:
+        """The fixed budget that applies to `method` (gamma to chains, the tree budget to specexec)."""
+        if method == "specexec":
+            return {} if self.tree_budget is None else {"tree_budget": self.tree_budget}
+        if method in ("sd", "pld", "multiseq", "duo"):
+            return {} if self.gamma is None else {"gamma": self.gamma}
+        return {}
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,7 @@ def _generate_ours(method: str, pipe: "Pipeline", prompt_ids: list[int], setting
         top_p=settings.top_p,
         top_k=settings.top_k,
         seed=settings.seed,
+        **settings.method_options(method),
     )
 
 

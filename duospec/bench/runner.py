@@ -29,7 +29,7 @@ from duospec.bench.data import Question, available_tasks, file_sha256, load_ques
 from duospec.bench.methods import BASELINE_METHOD, DecodeSettings, bench_methods, is_deterministic_answer, resolve_methods, with_default_mode
 from duospec.bench.report import rate_ratio
 from duospec.bench.ties import divergence, near_tie_tolerance
-from duospec.config import DuospecError, SamplingConfig
+from duospec.config import DuospecError, GenerationRequest, SamplingConfig
 
 if TYPE_CHECKING:
     from duospec.api import Pipeline
@@ -54,6 +54,13 @@ class BenchSettings:
     top_k: int = 0
     seed: int = 0
     questions: Path | None = None  # None = the packaged Spec-Bench file
+    gamma: int | None = None  # fixed draft tokens per round for the chain methods (None = from measured costs)
+    tree_budget: int | None = None  # fixed specexec tree budget (None = from measured costs)
+
+    def decode(self, max_new_tokens: int | None = None) -> DecodeSettings:
+        """The decoding settings of one answer (a warm-up passes its own, shorter length)."""
+        length = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        return DecodeSettings(length, self.temperature, self.top_p, self.top_k, self.seed, self.gamma, self.tree_budget)
 
     @property
     def questions_path(self) -> Path:
@@ -62,6 +69,7 @@ class BenchSettings:
     def validate(self) -> None:
         """Check decoding flags before any model is loaded."""
         SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
+        GenerationRequest(method="sd", gamma=self.gamma, tree_budget=self.tree_budget)  # range checks of --gamma and --budget
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise DuospecError(f"--max-new-tokens must be a positive integer, got {self.max_new_tokens!r}")
 
@@ -84,7 +92,7 @@ def result_flags(target: str, draft: str | None, dtype: str, device: str, thread
         "top_k": settings.top_k,
         "seed": settings.seed,
         "questions_sha256": file_sha256(settings.questions_path),
-    }
+    } | {name: value for name, value in (("gamma", settings.gamma), ("tree_budget", settings.tree_budget)) if value is not None}
 
 
 def pipeline_flags(pipe: "Pipeline", settings: BenchSettings) -> dict:
@@ -258,7 +266,7 @@ def run_bench(
         return store.records
     for method in dict.fromkeys(method for _, method, _ in pending):
         _say(progress, f"warming up {method}")
-        warmup = DecodeSettings(min(WARMUP_TOKENS, settings.max_new_tokens), settings.temperature, settings.top_p, settings.top_k, settings.seed)
+        warmup = settings.decode(min(WARMUP_TOKENS, settings.max_new_tokens))
         registry[method].generate(pipe, conversation_ids(pipe, selected[0].turns, []), warmup)
 
     from tqdm import tqdm
@@ -284,7 +292,7 @@ def _answer(pipe: "Pipeline", generate, question: Question, method: str, turn: i
     """Generate one turn's answer (timed), compare it with ar's, and build its record."""
     earlier = [store.get((question.question_id, t, method)) for t in range(1, turn)]
     prompt_ids = conversation_ids(pipe, question.turns, [record["text"].strip() for record in earlier])
-    decode = DecodeSettings(settings.max_new_tokens, settings.temperature, settings.top_p, settings.top_k, settings.seed)
+    decode = settings.decode()
     start = time.perf_counter()
     result = generate(pipe, prompt_ids, decode)
     seconds = time.perf_counter() - start

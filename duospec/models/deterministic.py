@@ -45,7 +45,10 @@ ROWS_CHECKED_AT_LOAD = (*range(2, 18), 33, 65)
 
 # The rows' key sets of the pass in progress: None = causal (row i sees every cached key up to itself),
 # else one entry per row, an int (the first k keys) or an index tensor (prefix + ancestors, in cache order).
-_row_keys: contextvars.ContextVar[list[int | torch.Tensor] | None] = contextvars.ContextVar("duospec_row_keys", default=None)
+# NO_PLAN outside a deterministic HFModel's forward: a model that shares the switched config object (a
+# draft built from the target's config) then gets plain SDPA, exactly as before.
+NO_PLAN = object()
+_row_keys: contextvars.ContextVar = contextvars.ContextVar("duospec_row_keys", default=NO_PLAN)
 
 
 def rowwise_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
@@ -58,13 +61,13 @@ def rowwise_attention(module, query, key, value, attention_mask, dropout: float 
 
     q_len = query.shape[2]
     plan = _row_keys.get()
+    if plan is NO_PLAN:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if q_len == 1 and plan is None:
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
     if query.shape[0] != 1:
         raise DuospecError("deterministic mode runs one sequence at a time (batch 1)")
     if plan is None:
-        if attention_mask is not None:
-            raise DuospecError("deterministic mode got an attention mask without a row plan; run the model through duospec's HFModel")
         first = key.shape[2] - q_len
         plan = [first + row + 1 for row in range(q_len)]
     rows = []
@@ -115,8 +118,12 @@ class RowPlan:
 def register() -> None:
     """Make `ROWWISE_ATTENTION` a transformers attention implementation (idempotent)."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     AttentionInterface.register(ROWWISE_ATTENTION, rowwise_attention)
+    # SDPA's masks, so a model sharing the switched config builds the masks it always did (the mode's
+    # own passes ignore them: the row plan says what each row sees).
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ROWWISE_ATTENTION, sdpa_mask)
 
 
 def refuse_unsupported(model: torch.nn.Module, device: torch.device) -> None:
