@@ -139,3 +139,64 @@ def test_a_damaged_file_in_a_checkpoint_names_the_checkpoint_and_the_fix(tmp_pat
     message = str(error.value)
     assert str(tmp_path) in message and "download or convert it again" in message
     assert "hub id" not in message  # a local checkpoint is not mistaken for a missing download
+
+
+class _InterruptAfter:
+    """Raises KeyboardInterrupt (what Ctrl-C raises in the main thread) at the n-th call of a model's
+    forward: a Ctrl-C that lands in the middle of the cost measurement, with the cache half-filled."""
+
+    def __init__(self, model, calls: int) -> None:
+        self.model, self.calls, self.real = model, calls, model.forward
+
+    def __call__(self, *args, **kwargs):
+        self.calls -= 1
+        if self.calls == 0:
+            raise KeyboardInterrupt
+        return self.real(*args, **kwargs)
+
+
+def test_ctrl_c_during_the_cost_measurement_keeps_no_figure_and_the_pipeline_still_works(target, monkeypatch):
+    """The measurement is interrupted after a few of its passes: no cost figure is kept (the next call
+    measures again), and the same pipeline then answers exactly as a fresh one."""
+    pipe = tiny_pipeline(target, target)
+    interrupter = _InterruptAfter(pipe.target, calls=4)
+    monkeypatch.setattr(pipe.target, "forward", interrupter)
+    with pytest.raises(KeyboardInterrupt):
+        pipe.generate("ab", method="sd", max_new_tokens=8)  # sd measures costs first
+    assert interrupter.calls == 0 and pipe._target_costs is None  # interrupted inside the measurement, nothing taken from it
+    monkeypatch.setattr(pipe.target, "forward", interrupter.real)
+    again = pipe.generate("ab", method="sd", max_new_tokens=8)
+    assert pipe._target_costs is not None  # measured again, whole
+    assert again.token_ids == tiny_pipeline(target, target).generate("ab", method="ar", max_new_tokens=8).token_ids
+
+
+def test_ctrl_c_while_the_model_loads_or_costs_are_measured_exits_130_without_a_traceback(tmp_path, capsys, monkeypatch):
+    import transformers
+
+    import duospec.budget
+
+    target = tiny_model(seed=0)
+    target.save_pretrained(tmp_path / "target")
+    tiny_tokenizer().save_pretrained(tmp_path / "target")
+    flags = ["generate", "ab", "--method", "sd", "--max-new-tokens", "4", "--target", str(tmp_path / "target"), "--draft", str(tmp_path / "target"), "--dtype", "float32"]
+
+    def interrupted_load(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", interrupted_load)
+        assert main(flags) == 130
+    err = capsys.readouterr().err
+    assert "duospec: interrupted" in err and "Traceback" not in err
+
+    def interrupted_measurement(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    kept_before = sorted(duospec.budget.profiles_dir().glob("*.json"))
+    with monkeypatch.context() as patch:
+        patch.setattr(duospec.budget, "measure_target_costs", interrupted_measurement)
+        assert main(flags) == 130
+    err = capsys.readouterr().err
+    assert "duospec: interrupted" in err and "Traceback" not in err
+    assert sorted(duospec.budget.profiles_dir().glob("*.json")) == kept_before  # no figure of the target kept
+    assert main(flags) == 0  # nothing half-done was kept: the next run measures and answers
