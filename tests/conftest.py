@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -30,3 +31,23 @@ def _no_draft_process_survives_the_suite():
     for child in survivors:
         child.kill()
     assert not survivors, f"{len(survivors)} draft process(es) outlived their tests"
+
+
+def _resident_mb() -> float:
+    """This process's resident memory now (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """DUOSPEC_TEST_MEMORY_LOG=FILE: one line per test with the process's resident memory after it
+    (setup, call and teardown), to find what holds memory across a suite run."""
+    yield
+    path = os.environ.get("DUOSPEC_TEST_MEMORY_LOG")
+    if path:
+        with open(path, "a") as handle:
+            handle.write(f"{_resident_mb():.0f}\t{item.nodeid}\n")

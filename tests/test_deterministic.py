@@ -283,3 +283,23 @@ def test_bench_refuses_a_gamma_out_of_range_before_loading():
 
     with pytest.raises(DuospecError, match="gamma"):
         BenchSettings(gamma=0).validate()
+
+
+def test_greedy_duo_with_its_draft_process_equals_one_token_decoding_bit_for_bit():
+    """duo: the draft drafts in its own process, the deterministic target verifies chains and trees."""
+    from duospec.budget import DuoPlanner
+    from test_duo import FLAT, deadline, run_duo, start_process
+
+    target_module = bf16(tiny_model(seed=3))
+    process = None
+    try:
+        with deadline(180):
+            process = start_process(HFModel(bf16(perturbed(tiny_model(seed=3), noise=0.3, seed=5)), "draft"), 64)
+            prompt = random_tokens(12, 11).tolist()
+            for planner, sequences in ((DuoPlanner(FLAT, 0.001, fixed_gamma=4), 1), (DuoPlanner(FLAT, 0.001), 8)):
+                tokens, stats = run_duo(HFModel(bf16(tiny_model(seed=3)), "target", deterministic=True), process, prompt, 32, planner, max_sequences=sequences)
+                assert tokens == oracle(target_module, prompt, 32) and stats.fallback == ""
+                assert stats.accepted_tokens > 0
+    finally:
+        if process is not None:
+            process.close()
