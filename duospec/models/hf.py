@@ -127,11 +127,11 @@ class HFModel:
             if tree_mask is not None and tuple(tree_mask.shape) != (n_new, start - tree_start + n_new):
                 raise ValueError(f"tree_mask must be [{n_new}, {start - tree_start + n_new}] (new tokens x open-tree tokens), got {tuple(tree_mask.shape)}")
             plan = RowPlan(row_plan(start, tree_start, tree_mask), self.device)
-            if start > 0:  # a prefill is the same single pass for every method: its row count does not matter
-                self._row_check.check(n_new)
-                if reduce is not None and self._plain_head:
-                    for rows in {min(LOGIT_BLOCK_ROWS, n_new), n_new % LOGIT_BLOCK_ROWS or 1}:
-                        self._row_check.check(rows)
+            # The prompt's pass too: the mode's output is what one-token decoding of every token gives.
+            self._row_check.check(n_new)
+            if reduce is not None and self._plain_head:
+                for rows in {min(LOGIT_BLOCK_ROWS, n_new), n_new % LOGIT_BLOCK_ROWS or 1}:
+                    self._row_check.check(rows)
         elif tree_mask is not None:
             if tuple(tree_mask.shape) != (n_new, start - tree_start + n_new):
                 raise ValueError(f"tree_mask must be [{n_new}, {start - tree_start + n_new}] (new tokens x open-tree tokens), got {tuple(tree_mask.shape)}")
