@@ -489,10 +489,27 @@ class DuoPlanner:
             rate = expected / self.profile.target_pass(j + 1)
             if rate > best_rate:
                 best, best_rate = j, rate
-            elif best:
-                break  # the gain of one more token falls from here on
+            elif j == 1 and self._longer_chain_pays(first, later, ready, plain):
+                best = 1  # one token alone does not pay but a longer chain may: token 1 joins on the online rates alone
+            else:
+                # The chain stops before token j, decided on tokens 1..j-1 only. (Scanning on past a token
+                # that does not pay would let token j's own confidence, through the rate at j + 1, decide
+                # whether token j is verified: under sampling that biased the output law.)
+                break
             reach *= min(0.99, confidences[j - 1] * self.calibration)  # token j's confidence only reaches token j + 1
         return best, self._predict(confidences[:best])
+
+    def _longer_chain_pays(self, first: float, later: float, ready: int, plain: float) -> bool:
+        """Whether some chain of up to `ready` tokens beats plain decoding at the online acceptance rates
+        alone (no draft confidences: the decision must not depend on the tokens it includes)."""
+        expected, reach = 1.0, 1.0
+        for gamma in range(1, ready + 1):
+            alpha = first if gamma == 1 else later
+            expected += reach * alpha
+            if expected / self.profile.target_pass(gamma + 1) > plain:
+                return True
+            reach *= alpha
+        return False
 
     def choose_alternatives(self, alternatives: list[int], probs: list[float], gamma: int, max_extra: int) -> list[int]:
         """Other first tokens worth a node each (greedy rounds): one pays when the chance the target

@@ -98,6 +98,7 @@ def main() -> int:
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    parser.add_argument("--no-prompt-pass", action="store_true", help="skip timing the --context prompt's own pass in both modes")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -131,6 +132,20 @@ def main() -> int:
         report["chain_gaps"] = {n: largest_gap(model, prefix, torch.randint(0, vocab, (n,), generator=generator)) for n in CHAINS}
         report["tree_identical"] = tree_identical(model, prefix, vocab)
         print(f"deterministic: chain gaps {report['chain_gaps']}, tree identical {report['tree_identical']} (enable {report['enable_seconds']:.2f} s)", flush=True)
+    prompt = {}
+    for mode in () if args.no_prompt_pass else (False, True) if "refused" not in report else (False,):
+        model.set_deterministic(mode)
+        times = []
+        for _ in range(2):
+            model.reset()
+            sync(model.device)
+            start = time.perf_counter()
+            model.forward(context, last_only=True)
+            sync(model.device)
+            times.append(time.perf_counter() - start)
+        prompt["deterministic_s" if mode else "default_s"] = min(times)
+    report["prompt_pass"] = {"tokens": args.context, **prompt}
+    print(json.dumps(report["prompt_pass"]), flush=True)
     costs = []
     for n in sizes:
         row = {"n": n}
