@@ -303,3 +303,4 @@ def test_greedy_duo_with_its_draft_process_equals_one_token_decoding_bit_for_bit
     finally:
         if process is not None:
             process.close()
+

@@ -132,12 +132,16 @@ def refuse_unsupported(model: torch.nn.Module, device: torch.device) -> None:
     does not apply)."""
     if device.type != "cpu":
         # Measured on an H200 (torch 2.11, transformers 5.17, Qwen2.5-1.5B shape, random bf16 weights;
-        # docs/bench/deterministic/h200): every linear layer was row-invariant and a 33-row pass repeatable,
-        # yet on some inputs a run of rows (from row 10-23 on) differed from one-token decodes by up to 0.09.
-        # The cause was not found in the time the GPU was lent, so the mode is not offered there.
+        # docs/bench/deterministic/h200/README.md): with row-wise attention alone, some inputs gave a run of
+        # rows differing from one-token decodes by up to 0.09. Hooks found the first difference in an
+        # RMSNorm (a reduction whose GPU kernel depends on the row count); running the norms row by row
+        # too made chains of 5-48 rows and trees identical on 40 of 40 passes, but a 300-token prompt in
+        # 65-row chunks still differed, the GEMMs changed kernel at 512 rows, and per-row kernel launches
+        # cost 2.7x at 8 rows and 8x at 32. Not offered on GPUs until all of that is solved.
         raise DuospecError(
-            f"--deterministic is only verified on CPUs: on a GPU ({device}) one-token decodes and row-wise passes were "
-            "measured to differ on some inputs (up to 0.09 in the logits on an H200). Run with --device cpu, or drop --deterministic"
+            f"--deterministic is only verified on CPUs: on a GPU ({device}) passes and one-token decodes were measured "
+            "to differ (up to 0.09 in the logits on an H200), and per-row kernels cost 3-8x there. Run with --device cpu, "
+            "or drop --deterministic"
         )
     config = model.config
     layer_types = getattr(config, "layer_types", None) or []
