@@ -44,10 +44,14 @@ def _resident_mb() -> float:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    """DUOSPEC_TEST_MEMORY_LOG=FILE: one line per test with the process's resident memory after it
-    (setup, call and teardown), to find what holds memory across a suite run."""
+    """DUOSPEC_TEST_MEMORY_LOG=FILE: one line per test: resident MB of the pytest process after it, the
+    process's peak so far, and the largest finished child's peak, to find what holds memory in a run."""
     yield
     path = os.environ.get("DUOSPEC_TEST_MEMORY_LOG")
     if path:
+        import resource
+
+        peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest waited-for child
         with open(path, "a") as handle:
-            handle.write(f"{_resident_mb():.0f}\t{item.nodeid}\n")
+            handle.write(f"{_resident_mb():.0f}\t{peak_self:.0f}\t{peak_children:.0f}\t{item.nodeid}\n")
