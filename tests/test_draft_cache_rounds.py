@@ -58,7 +58,7 @@ from duospec.config import GenerationRequest, SamplingConfig
 from duospec.drafting.chain import ChainDrafter
 from duospec.drafting.multiseq import MultiSequenceDrafter
 from duospec.drafting.specexec import SpecExecDrafter
-from duospec.engines.draft_process import MAX_CHAIN, ChainReply, SpeculativeChain
+from duospec.engines.draft_process import ChainReply, SpeculativeChain
 from duospec.engines.duo import generate_duo
 from duospec.engines.sequential import generate_tokens
 from duospec.models.hf import HFModel
@@ -66,6 +66,8 @@ from duospec.models.llamacpp import llama_cpp_available
 from duospec.sampling import warp_probs
 from duospec.stats import GenerationStats
 from duospec.tree_budget import TreeBudgetPolicy
+from inprocess_draft import InProcessDraft
+from test_duo import KeepsOneTooMany as CropsOneTooLate  # the rejected chain token's cache entry stays
 from tiny_models import perturbed, tiny_config, tiny_model
 
 HAS_LLAMA = llama_cpp_available()
@@ -326,43 +328,20 @@ def run_sequential(method: str, target: HFModel, drafter, draft: DraftUnderTest,
 # Duo: the draft process's state in this process, through the real Duo engine
 
 
-class InProcessDraft:
-    """DraftProcess's protocol (begin, take, commit, park) served by the child's state object in this
-    process, as `_serve` handles the messages; after each take the draft goes on 0 to 4 steps
-    (seeded), as the child drafts while the target verifies."""
+class RecordingDraft(InProcessDraft):
+    """The in-process draft (tests/inprocess_draft.py) drafting 0 to 4 steps ahead after each take
+    (seeded); it remembers its last reply and how far its chain reached."""
 
     def __init__(self, model, chain_class=SpeculativeChain, seed: int = 0) -> None:
-        self.state = chain_class(model, VOCAB)
-        self.max_context = model.max_context
-        self.rng = random.Random(seed)
+        rng = random.Random(seed)
+        super().__init__(model, VOCAB, lambda round_: rng.randint(0, 4), chain_class)
         self.last_reply: ChainReply | None = None
         self.reach = 0  # the longest committed + chain the draft held
 
-    def begin(self, prompt, sampling, seed) -> None:
-        self.state.begin(list(prompt), sampling, seed)
-
-    def commit(self, tokens) -> None:
-        self.state.commit(list(tokens))
-
     def take(self, min_tokens: int, max_tokens: int, sampled: bool, max_sequences: int = 1) -> ChainReply:
-        state = self.state
-        max_tokens = max(0, min(max_tokens, MAX_CHAIN))
-        min_tokens = max(0, min(min_tokens, max_tokens))
-        while len(state.chain) < min_tokens and state.can_draft:
-            state.step()
-        count = min(len(state.chain), max_tokens)
-        rows = torch.stack(state.rows[:count]).float() if sampled and count else None
-        alternatives, probs = state.alternatives(max_sequences) if count else ([], [])
-        reply = ChainReply(list(state.chain[:count]), rows, list(state.confidences[:count]), alternatives, probs)
-        for _ in range(self.rng.randint(0, 4)):
-            if state.can_draft:
-                state.step()
-        self.last_reply = reply
-        self.reach = max(self.reach, len(state.committed) + len(state.chain))
-        return reply
-
-    def park(self) -> None:
-        pass
+        self.last_reply = super().take(min_tokens, max_tokens, sampled, max_sequences)
+        self.reach = max(self.reach, len(self.state.committed) + len(self.state.chain))
+        return self.last_reply
 
 
 class RecordingPlanner(DuoPlanner):
@@ -380,7 +359,7 @@ FLAT = CostProfile({1: 0.010, 2: 0.010, 4: 0.0105, 8: 0.011, 16: 0.012})  # GPU-
 
 
 def run_duo(target: HFModel, draft: DraftUnderTest, sampling: SamplingConfig, chain_class=SpeculativeChain) -> dict:
-    process = InProcessDraft(draft.model, chain_class)
+    process = RecordingDraft(draft.model, chain_class)
     state, model, limit = process.state, draft.model, draft.model.max_context
     planner = RecordingPlanner(FLAT, 0.001, fixed_gamma=4)
     request = GenerationRequest(method="duo", max_new_tokens=200, sampling=sampling)
@@ -514,22 +493,6 @@ class KeepsItsChainPastARejection(SpeculativeChain):
             del self.chain[: len(tokens)], self.rows[: len(tokens)], self.confidences[: len(tokens)], self.tops[: len(tokens)]
             return
         super().commit(tokens)
-
-
-class CropsOneTooLate(SpeculativeChain):
-    """Wrong: on a rollback the duo draft keeps the first rejected chain token's cache entry."""
-
-    def commit(self, tokens: list[int]) -> None:
-        agreed = 0
-        while agreed < min(len(tokens), len(self.chain)) and self.chain[agreed] == tokens[agreed]:
-            agreed += 1
-        if agreed == len(tokens):
-            return super().commit(tokens)
-        base = len(self.committed)
-        self.committed.extend(tokens)
-        self.chain, self.rows, self.confidences, self.tops = [], [], [], []
-        if self.model.cache_len > base + agreed + 1:
-            self.model.crop(base + agreed + 1)
 
 
 def logit_gap(error: AssertionError) -> float | None:

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from inprocess_draft import InProcessDraft
 from law_checks import goodness_of_fit
 from tiny_models import perturbed, tiny_config
 from transformers import Qwen2ForCausalLM
@@ -55,7 +56,7 @@ from duospec.drafting.lookup import LookupDrafter
 from duospec.drafting.multiseq import MultiSequenceDrafter
 from duospec.drafting.specexec import SpecExecDrafter
 from duospec.engines import steps
-from duospec.engines.draft_process import MAX_CHAIN, ChainReply, SpeculativeChain
+from duospec.engines.draft_process import ChainReply
 from duospec.engines.duo import generate_duo
 from duospec.engines.sequential import generate_tokens
 from duospec.models.hf import HFModel
@@ -294,46 +295,18 @@ def run_sequential(target, drafter, policy, sampling: SamplingConfig, samples: i
     return counts, exercise
 
 
-class InProcessDraft:
-    """DraftProcess's interface (begin, commit, take, park) served in this process by the child's own
-    state machine, `SpeculativeChain`. `take` does what the child's loop does on a take request (draft
-    until min_tokens are ready, answer with at most max_tokens, their q rows and confidences); then,
-    standing in for the drafting the child does while the target verifies, it drafts `ahead[round]`
-    more tokens, so that `commit` really keeps a chain past a guessed bonus token or rolls it back."""
+class ScheduledDraft(InProcessDraft):
+    """The in-process draft (tests/inprocess_draft.py) drafting `ahead[round]` more tokens after each
+    take; it records how many tokens were already drafted when each later round's take came."""
 
     def __init__(self, model: HFModel, ahead: tuple[int, ...]) -> None:
-        self.state = SpeculativeChain(model, VOCAB)
-        self.ahead = ahead
-        self.rounds = 0
-        self.ready_at_take: list[int] = []  # tokens already drafted when a later round's take came
-
-    def begin(self, prompt_ids: list[int], sampling: SamplingConfig, seed: int | None) -> None:
-        self.state.begin(prompt_ids, sampling, seed)
-        self.rounds = 0
-
-    def commit(self, tokens: list[int]) -> None:
-        self.state.commit(tokens)
+        super().__init__(model, VOCAB, lambda round_: ahead[round_ % len(ahead)])
+        self.ready_at_take: list[int] = []
 
     def take(self, min_tokens: int, max_tokens: int, sampled: bool, max_sequences: int = 1) -> ChainReply:
-        state = self.state
         if self.rounds:
-            self.ready_at_take.append(len(state.chain))
-        max_tokens = max(0, min(max_tokens, MAX_CHAIN))
-        min_tokens = max(0, min(min_tokens, max_tokens))
-        while len(state.chain) < min_tokens and state.can_draft:
-            state.step()
-        count = min(len(state.chain), max_tokens)
-        rows = torch.stack(state.rows[:count]).float() if sampled and count else None
-        alternatives, probs = state.alternatives(max_sequences) if count else ([], [])
-        reply = ChainReply(list(state.chain[:count]), rows, list(state.confidences[:count]), alternatives, probs)
-        for _ in range(self.ahead[self.rounds % len(self.ahead)]):  # drafting on while the target verifies
-            if state.can_draft:
-                state.step()
-        self.rounds += 1
-        return reply
-
-    def park(self) -> None:
-        pass
+            self.ready_at_take.append(len(self.state.chain))
+        return super().take(min_tokens, max_tokens, sampled, max_sequences)
 
 
 class ScheduledDuoPlanner(DuoPlanner):
@@ -358,7 +331,7 @@ class ScheduledDuoPlanner(DuoPlanner):
 
 
 def run_duo(target, draft_module, planner: DuoPlanner, sampling: SamplingConfig, samples: int, first_seed: int = 0, ahead=(2, 0, 3)):
-    draft = InProcessDraft(HFModel(draft_module, "draft8"), ahead)
+    draft = ScheduledDraft(HFModel(draft_module, "draft8"), ahead)
     counts = torch.zeros([VOCAB] * K)
     exercise = Exercise()
     for seed in range(first_seed, first_seed + samples):

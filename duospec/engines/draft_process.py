@@ -399,6 +399,12 @@ class SpeculativeChain:
         self.chain, self.rows, self.confidences, self.tops = [], [], [], []
         self.model.crop(min(self.model.cache_len, len(self.committed) - 1))
 
+    def ready(self, min_tokens: int, max_tokens: int) -> int:
+        """Answer a take: draft until `min_tokens` are ready (or the context ends); how many to send."""
+        while len(self.chain) < min_tokens and self.can_draft:
+            self.step()
+        return min(len(self.chain), max_tokens)
+
     def alternatives(self, max_sequences: int) -> tuple[list[int], list[float]]:
         """Other first tokens worth a sequence (greedy drafts only), by DuoDecoding's rule: theta = the
         top-1 log-probability at positions 1 and 2; every next-ranked first token above theta. Under
@@ -485,9 +491,7 @@ def _serve(conn: Connection, factory, shared: SharedMemory, vocab_size: int) -> 
                     state.commit(np.frombuffer(message, dtype=np.int64, offset=1).tolist())
                 elif op == _TAKE:
                     min_tokens, max_tokens, max_sequences = struct.unpack("<qqq", message[1:25])
-                    while len(state.chain) < min_tokens and state.can_draft:
-                        state.step()
-                    count = min(len(state.chain), max_tokens)
+                    count = state.ready(min_tokens, max_tokens)
                     state.write_rows(count, shared.buf)
                     alternatives, probs = state.alternatives(max_sequences) if count else ([], [])
                     conn.send_bytes(
