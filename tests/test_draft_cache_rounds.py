@@ -68,6 +68,7 @@ from duospec.stats import GenerationStats
 from duospec.tree_budget import TreeBudgetPolicy
 from inprocess_draft import InProcessDraft
 from test_duo import KeepsOneTooMany as CropsOneTooLate  # the rejected chain token's cache entry stays
+from test_duo import TrustsTheFirstToken as KeepsItsChainPastARejection  # keeps the chain when only token 1 agrees
 from tiny_models import perturbed, tiny_config, tiny_model
 
 HAS_LLAMA = llama_cpp_available()
@@ -482,17 +483,6 @@ class SwapsTheCatchUp(ChainDrafter):
         if len(pending) == 2:
             pending = pending[::-1]
         return self.model.forward(torch.tensor(pending), last_only=True)
-
-
-class KeepsItsChainPastARejection(SpeculativeChain):
-    """Wrong: the duo draft keeps its chain (and its cache) when only the first committed token agrees."""
-
-    def commit(self, tokens: list[int]) -> None:
-        if self.chain and self.chain[0] == tokens[0] and len(self.chain) > len(tokens):
-            self.committed.extend(tokens)
-            del self.chain[: len(tokens)], self.rows[: len(tokens)], self.confidences[: len(tokens)], self.tops[: len(tokens)]
-            return
-        super().commit(tokens)
 
 
 def logit_gap(error: AssertionError) -> float | None:
