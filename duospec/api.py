@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -224,6 +225,33 @@ class Pipeline:
     def deterministic(self) -> bool:
         """Whether the target runs in deterministic mode (models/deterministic.py)."""
         return bool(getattr(self.target, "deterministic", False))
+
+    @contextmanager
+    def default_mode(self) -> Iterator[None]:
+        """The target with deterministic mode switched off, and the default mode's own cost figures
+        (kept apart: a row-wise pass costs more, so the budgets must not mix them); both restored after.
+        `duospec bench --deterministic` answers its `<method>@default` rows inside this."""
+        if not self.deterministic:
+            yield
+            return
+        mode_state = ("_target_identity", "_target_costs", "_tree_costs", "cost_tracker")
+        deterministic_state = {name: getattr(self, name) for name in mode_state}
+        default_state = getattr(self, "_default_mode_state", None) or {
+            "_target_identity": None if self._target_identity is None else [part for part in self._target_identity if part != "deterministic"],
+            "_target_costs": None,
+            "_tree_costs": None,
+            "cost_tracker": CostTracker(),
+        }
+        self.target.set_deterministic(False)
+        for name, value in default_state.items():
+            setattr(self, name, value)
+        try:
+            yield
+        finally:
+            self._default_mode_state = {name: getattr(self, name) for name in mode_state}
+            for name, value in deterministic_state.items():
+                setattr(self, name, value)
+            self.target.set_deterministic(True)
 
     @property
     def has_draft(self) -> bool:

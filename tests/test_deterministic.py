@@ -304,3 +304,17 @@ def test_greedy_duo_with_its_draft_process_equals_one_token_decoding_bit_for_bit
         if process is not None:
             process.close()
 
+
+
+def test_default_mode_answers_keep_their_own_costs_and_restore_the_mode(pipe):
+    """bench's <method>@default: the mode off for one answer, with cost figures kept apart per mode."""
+    pipe._target_costs = {1: 1.0, 2: 2.0}  # stands for the deterministic mode's measured curve
+    deterministic_identity = pipe._target_identity
+    with pipe.default_mode():
+        assert not pipe.deterministic and pipe._target_costs is None
+        assert pipe._target_identity is None or "deterministic" not in pipe._target_identity
+        pipe._target_costs = {1: 0.5, 2: 0.6}  # what the default mode measured
+    assert pipe.deterministic and pipe._target_costs == {1: 1.0, 2: 2.0} and pipe._target_identity == deterministic_identity
+    with pipe.default_mode():
+        assert pipe._target_costs == {1: 0.5, 2: 0.6}  # the default mode's own figures, kept for the next answer
+    pipe._target_costs = None

@@ -262,6 +262,8 @@ def run_profile_command(args: argparse.Namespace) -> int:
     kept_on_disk = pipe.cost_key(pipe.target) is not None
     print("renewed the draft budget's measured costs" + (f" (kept in {profiles_dir()})" if kept_on_disk else ""))
     flags = {"target": pipe.target.name, "draft": profile["draft"], "dtype": str(pipe.dtype), "device": str(pipe.device), "threads": pipe.threads}
+    if pipe.deterministic:
+        flags["deterministic"] = True
     words = ["duospec", "profile", "--sizes", ",".join(map(str, args.sizes)), "--context", str(args.context), "--repeats", str(args.repeats)]
     command = shlex.join([*words, *(["--no-draft"] if args.no_draft else []), *_model_words(args), "--out", str(out)])
     paths = write_profile(out, profile, collect_meta(flags, {"sizes": list(args.sizes)}, command))
