@@ -194,7 +194,7 @@ class RowCheck:
 
 
 def probe(model: "HFModel", tokens: int = 4) -> None:
-    """End to end, at load: a pass over `tokens` new tokens against one-token decodes, bit for bit."""
+    """End to end, at load: a pass over `tokens` new tokens, then a small tree, against one-token decodes, bit for bit."""
     vocab = model.vocab_size
     generator = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, vocab, (3,), generator=generator)
@@ -207,10 +207,38 @@ def probe(model: "HFModel", tokens: int = 4) -> None:
         alone = torch.cat([model.forward(new[i : i + 1]) for i in range(tokens)])
     finally:
         model.reset()
+    if torch.equal(batch, alone):  # a tree too: a row gathers its keys (a copy) where a decode reads a slice
+        batch, alone = _tree_against_decodes(model, prefix, new)
     if not torch.equal(batch, alone):
         gap = (batch - alone).abs().max().item()
         raise DuospecError(
-            f"--deterministic cannot be kept with {model.name} here: a {tokens}-token pass differs from one-token decodes "
+            f"--deterministic cannot be kept with {model.name} here: a {tokens}-token pass (or a 4-node tree) differs from one-token decodes "
             f"by up to {gap:.3g} in the logits even with row-wise attention (an operation of this model or device depends "
             "on the number of rows). Run without --deterministic."
         )
+
+
+def _tree_against_decodes(model: "HFModel", prefix: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 4-node tree (root; two children; a grandchild under the first) in one pass, and each node's
+    logits from one-token decodes of its own path."""
+    parents = [-1, 0, 0, 1]
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    depth = torch.zeros(4, dtype=torch.long)
+    for node, parent in enumerate(parents):
+        mask[node, node] = True
+        if parent >= 0:
+            mask[node] |= mask[parent]
+            depth[node] = depth[parent] + 1
+    model.reset()
+    try:
+        model.forward(prefix)
+        tree = model.forward(tokens[:4], len(prefix) + depth, mask)
+        rows = []
+        for node in range(4):
+            model.crop(len(prefix))
+            for step in mask[node].nonzero().flatten().tolist():
+                row = model.forward(tokens[step : step + 1])
+            rows.append(row[0])
+    finally:
+        model.reset()
+    return tree, torch.stack(rows)
