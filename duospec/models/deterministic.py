@@ -221,24 +221,19 @@ def probe(model: "HFModel", tokens: int = 4) -> None:
 def _tree_against_decodes(model: "HFModel", prefix: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A 4-node tree (root; two children; a grandchild under the first) in one pass, and each node's
     logits from one-token decodes of its own path."""
-    parents = [-1, 0, 0, 1]
-    mask = torch.zeros(4, 4, dtype=torch.bool)
-    depth = torch.zeros(4, dtype=torch.long)
-    for node, parent in enumerate(parents):
-        mask[node, node] = True
-        if parent >= 0:
-            mask[node] |= mask[parent]
-            depth[node] = depth[parent] + 1
+    from duospec.tree import TokenTree
+
+    tree = TokenTree(tokens[:4], (-1, 0, 0, 1))
     model.reset()
     try:
         model.forward(prefix)
-        tree = model.forward(tokens[:4], len(prefix) + depth, mask)
+        scored = model.forward(tree.tokens, len(prefix) + tree.depth_tensor(), tree.ancestor_mask())
         rows = []
-        for node in range(4):
+        for node in range(tree.n_nodes):
             model.crop(len(prefix))
-            for step in mask[node].nonzero().flatten().tolist():
-                row = model.forward(tokens[step : step + 1])
+            for step in tree.path_to(node):
+                row = model.forward(tree.tokens[step : step + 1])
             rows.append(row[0])
     finally:
         model.reset()
-    return tree, torch.stack(rows)
+    return scored, torch.stack(rows)
