@@ -1,4 +1,4 @@
-"""Benchmark questions: the packaged Spec-Bench file, task mapping, selection and bad input."""
+"""Benchmark questions: the packaged Spec-Bench and editing files, task mapping, selection and bad input."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from duospec.bench.data import TASKS, available_tasks, load_questions, packaged_questions_path, select_questions, task_of
+from duospec.bench.data import PACKAGED_SETS, TASKS, available_tasks, load_questions, packaged_questions_path, questions_file, select_questions, task_of
 from duospec.config import DuospecError
 
 
@@ -83,3 +83,36 @@ def test_an_empty_or_missing_file_is_refused(tmp_path):
         load_questions(_write(tmp_path, [""]))
     with pytest.raises(DuospecError, match="cannot read questions file"):
         load_questions(tmp_path / "missing.jsonl")
+
+
+def test_packaged_editing_set_has_12_two_turn_questions_in_one_task():
+    """Turn 2 edits the turn-1 answer (issue 21's multi-turn editing set beside Spec-Bench)."""
+    questions = load_questions(packaged_questions_path("editing"))
+    assert len(questions) == 12 and available_tasks(questions) == ["editing"]
+    assert all(len(q.turns) == 2 and q.category == q.task == "editing" for q in questions)
+    assert not set(q.question_id for q in questions) & set(q.question_id for q in load_questions(packaged_questions_path()))
+
+
+def test_questions_names_a_packaged_set_or_a_file(tmp_path):
+    assert questions_file(None) is None  # BenchSettings' default: Spec-Bench
+    assert questions_file("spec_bench") == packaged_questions_path()
+    assert questions_file("editing") == packaged_questions_path("editing") and questions_file("editing").name == "editing.jsonl"
+    assert questions_file("mine.jsonl") == Path("mine.jsonl")  # a path, read (and reported on) by load_questions
+    assert questions_file(str(tmp_path / "editing")) == tmp_path / "editing"  # a path, not the packaged name
+
+
+def test_an_unknown_questions_name_is_refused_with_the_choices():
+    with pytest.raises(DuospecError, match=r"--questions 'edting' is neither a packaged question set \(spec_bench, editing\)"):
+        questions_file("edting")
+    assert list(PACKAGED_SETS) == ["spec_bench", "editing"]
+
+
+def test_bench_cli_resolves_questions_editing_before_loading_models(capsys):
+    """`duospec bench --questions editing` reads the packaged editing set: asking it for a Spec-Bench task
+    is refused, before any model loads, with the tasks that set has (only `editing`)."""
+    from duospec.cli import main
+
+    assert main(["bench", "--questions", "editing", "--tasks", "qa"]) == 2
+    assert "unknown task 'qa'; this questions file has: editing" in capsys.readouterr().err
+    assert main(["bench", "--questions", "edting"]) == 2
+    assert "spec_bench, editing" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Benchmark questions: Spec-Bench's question.jsonl (shipped with the package) or a user's file in the same format.
+"""Benchmark questions: a packaged set (Spec-Bench's question.jsonl, or duospec's own editing.jsonl) or a
+user's file in the same format.
 
 Format: one JSON object per line with `question_id` (int or string, unique), `category` (string) and
 `turns` (non-empty list of non-empty strings; multi-turn conversations have several). Spec-Bench
@@ -6,8 +7,10 @@ groups its 13 categories into 6 tasks; the eight MT-bench categories form the mu
 `mt_bench`, the other five categories are tasks of their own. A category of a user's file that is not
 a Spec-Bench category becomes a task named after itself, so own prompts need no extra mapping.
 
-The packaged data is Spec-Bench (Xia et al. 2024, https://github.com/hemingkx/Spec-Bench), Apache-2.0;
-its license is `data/LICENSE` beside the file.
+The packaged `question.jsonl` is Spec-Bench (Xia et al. 2024, https://github.com/hemingkx/Spec-Bench),
+Apache-2.0; its license is `data/LICENSE` beside the file. `editing.jsonl` is duospec's own (12 two-turn
+questions whose second turn edits the first answer: the case where drafts taken from the conversation
+pay most); see `data/README.md`.
 """
 
 from __future__ import annotations
@@ -58,9 +61,36 @@ def task_of(category: str) -> str:
     return _TASK_OF_CATEGORY.get(category, category)
 
 
-def packaged_questions_path() -> Path:
-    """Spec-Bench's 480 questions as shipped inside the package."""
-    return Path(str(resources.files("duospec.bench") / "data" / "question.jsonl"))
+# `--questions NAME`: the question sets shipped inside the package, by name; the first is the default.
+PACKAGED_SETS = {"spec_bench": "question.jsonl", "editing": "editing.jsonl"}
+
+
+def packaged_questions_path(name: str = "spec_bench") -> Path:
+    """A packaged question set's file (default: Spec-Bench's 480 questions)."""
+    return Path(str(resources.files("duospec.bench") / "data" / PACKAGED_SETS[name]))
+
+
+def questions_file(value: str | Path | None) -> Path | None:
+    """What `--questions` names: a packaged set (`spec_bench`, `editing`) or a JSONL file; None stays None
+    (the default set).
+
+    A packaged name wins over a file of that name in the working directory (write `./editing` for the
+    file). A bare word that is neither a name nor an existing file is refused here, naming the choices,
+    because it is far more likely a misspelt name than a file without an extension; anything else is a
+    path, which load_questions reads and reports on.
+    """
+    if value is None:
+        return None
+    text = str(value)
+    if text in PACKAGED_SETS:
+        return packaged_questions_path(text)
+    path = Path(text)
+    if path.suffix or len(path.parts) > 1 or path.exists():
+        return path
+    raise DuospecError(
+        f"--questions {text!r} is neither a packaged question set ({', '.join(PACKAGED_SETS)}) nor an existing file; "
+        "pass one of those names or the path of a JSONL file"
+    )
 
 
 def file_sha256(path: Path) -> str:
