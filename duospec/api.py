@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from duospec.budget import DRAFT_MARGIN, best_gamma, expected_tokens, CostProfil
 from duospec.config import DRAFT_QUANTIZATIONS, DuospecError, GenerationRequest, SamplingConfig
 from duospec.costs import CostTracker, LoadProbe, LoadReading, corrected_draft_step, corrected_target_costs, may_keep_correction, under_load
 from duospec.drafting import METHODS
+from duospec.drafting.suffix import DEFAULT_HISTORY_TOKENS, SUFFIX_SCOPES, SuffixDrafter, SuffixHistory, SuffixPolicy
 from duospec.engines.sequential import generate_tokens
 from duospec.models.base import Model
 from duospec.models.hf import resolve_device, resolve_dtype
@@ -108,8 +110,11 @@ class GenerationStream:
     that was overtaken by a newer one raises a DuospecError instead of reading a cache that is not its.
     """
 
-    def __init__(self, pipeline: "Pipeline", chunks: Iterator[list[int]], assembler: _TextAssembler, prompt_tokens: int, stats: GenerationStats):
+    def __init__(
+        self, pipeline: "Pipeline", chunks: Iterator[list[int]], assembler: _TextAssembler, prompt_tokens: int, stats: GenerationStats, prompt_ids: list[int] | None = None
+    ):
         self._pipeline = pipeline
+        self._prompt_ids = prompt_ids  # what the suffix history learns once the answer is over
         self._chunks = chunks
         self._assembler = assembler
         self._prompt_tokens = prompt_tokens
@@ -160,7 +165,10 @@ class GenerationStream:
             prompt_tokens=self._prompt_tokens,
             stats=self._stats,
         )
-        # The request is over: its real pass times may correct the figures for the next request.
+        # The request is over: its real pass times may correct the figures for the next request, and
+        # its text joins the suffix history (a later request that repeats it drafts from it).
+        if self._prompt_ids is not None:
+            self._pipeline.remember(self._prompt_ids, self.result.token_ids)
         self._pipeline.reconcile_costs(self._pipeline.load_probe.stop(self._load_watch, self._pipeline.target))
 
 
@@ -187,7 +195,12 @@ class Pipeline:
         cost_identity: list[str] | None = None,
         target_source: str | None = None,
         progress: bool = True,
+        suffix_history_tokens: int = DEFAULT_HISTORY_TOKENS,
+        suffix_scope: str = "shared",
+        prefix_cache: bool = True,
     ) -> None:
+        if suffix_scope not in SUFFIX_SCOPES:
+            raise DuospecError(f"unknown suffix scope {suffix_scope!r}; choose one of: {', '.join(SUFFIX_SCOPES)}")
         self.target = target
         self.target_source = target_source or target.name  # what loaded it: embedded name, path or hub id
         self._hf_target = None  # a transformers copy of a llama.cpp target, for baselines
@@ -214,6 +227,14 @@ class Pipeline:
         self._duo = None  # DuoRuntime: the draft process of `duo` requests, started on first use
         self.verbose = False  # print budget choices and why (--verbose)
         self._auto_alpha = 0.8  # acceptance `auto` expects of the draft model, learned across requests
+        # Each model's KV cache outlives its request; the next request reuses the prefix it shares
+        # (models/prefix.py). False: every request starts from empty caches (forget_prefixes).
+        self.prefix_cache = prefix_cache
+        self._duo_cold = False  # the duo draft process resets at its next sequence (forget_prefixes)
+        # Earlier requests' tokens, which suffix decoding drafts from ("shared"); "request" keeps none,
+        # so one request's text never shapes another's drafts (or their timing).
+        self.suffix_scope = suffix_scope
+        self.suffix_history = SuffixHistory(suffix_history_tokens)
         self.eos_ids = eos_ids if eos_ids is not None else hf_eos_ids(target, tokenizer)
 
     # -- models ---------------------------------------------------------------------------------
@@ -410,6 +431,41 @@ class Pipeline:
         if self.progress:
             print(f"duospec: {message}", file=sys.stderr)
 
+    # -- suffix history -------------------------------------------------------------------------
+    def remember(self, prompt_ids: list[int], answer_ids: list[int]) -> None:
+        """Add a finished request (prompt and answer) to the suffix history, when it is shared."""
+        if self.suffix_scope == "shared":
+            self.suffix_history.add([*prompt_ids, *answer_ids])
+
+    @contextmanager
+    def separate_suffix_history(self, history: SuffixHistory) -> Iterator[None]:
+        """Requests inside draft from (and add to) `history` instead of the pipeline's own. The bench
+        gives each method its own, so no method drafts from another method's answer to the same question."""
+        saved, self.suffix_history = self.suffix_history, history
+        try:
+            yield
+        finally:
+            self.suffix_history = saved
+
+    def suffix_drafter(self, request: GenerationRequest) -> SuffixDrafter:
+        """A suffix drafter over the shared history (if any), sized by the measured cost curve, or
+        verifying up to `gamma` nodes when the request fixes it."""
+        policy = SuffixPolicy(None, max_nodes=request.gamma) if request.gamma is not None else SuffixPolicy(self.target_profile())
+        history = self.suffix_history if self.suffix_scope == "shared" else None
+        return SuffixDrafter(history, policy, max_leaves=self.target.max_tree_leaves)
+
+    # -- prefix cache ---------------------------------------------------------------------------
+    def forget_prefixes(self) -> None:
+        """Make the next request start from empty caches (target, draft, duo's draft process), as if
+        nothing had run before: the bench's cold answers, and every request with prefix_cache off.
+        Costs nothing now; the next request resets each cache it uses, inside its own time."""
+        from duospec.models import prefix
+
+        prefix.forget(self.target)
+        if self._draft is not None:
+            prefix.forget(self._draft)
+        self._duo_cold = True
+
     # -- prompts --------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int] | list[dict], chat: bool | None = None) -> list[int]:
         """Token ids for a prompt; the chat template is applied when the tokenizer has one (unless chat=False).
@@ -450,6 +506,8 @@ class Pipeline:
             raise DuospecError(
                 f"the prompt has {len(prompt_ids)} tokens but the target's context holds {limit}; shorten the prompt"
             )
+        if not self.prefix_cache:
+            self.forget_prefixes()
         spec = METHODS[method]
         if spec.engine == "duo":
             return self._stream_duo(prompt_ids, request)
@@ -458,7 +516,10 @@ class Pipeline:
         draft = self.draft if spec.needs_draft_model else None
         drafter = spec.make_drafter(draft, self.target, request)
         policy = None
-        if spec.engine == "tree":
+        if spec.engine == "suffix":
+            drafter = self.suffix_drafter(request)
+            policy = drafter.policy
+        elif spec.engine == "tree":
             policy = self.tree_policy(request)
         elif drafter is not None:
             if gamma is not None:
@@ -469,7 +530,7 @@ class Pipeline:
                 policy = GammaPolicy(self.target_profile(), draft_cost)
         stats = GenerationStats(method=method, prompt_tokens=len(prompt_ids), gamma_auto=gamma is None)
         chunks = generate_tokens(self.target, drafter, prompt_ids, request, policy, self.eos_ids, stats, self.cost_tracker)
-        stream = GenerationStream(self, chunks, _TextAssembler(self.tokenizer), len(prompt_ids), stats)
+        stream = GenerationStream(self, chunks, _TextAssembler(self.tokenizer), len(prompt_ids), stats, prompt_ids)
         self._active_stream = stream
         return stream
 
@@ -523,8 +584,9 @@ class Pipeline:
         if self.verbose:
             print_choice(runtime, planner)
         stats = GenerationStats(method="duo", prompt_tokens=len(prompt_ids), gamma_auto=request.gamma is None)
-        chunks = runtime.generate(prompt_ids, request, planner, stats)
-        stream = GenerationStream(self, chunks, _TextAssembler(self.tokenizer), len(prompt_ids), stats)
+        reuse_draft, self._duo_cold = not self._duo_cold, False
+        chunks = runtime.generate(prompt_ids, request, planner, stats, reuse_draft=reuse_draft)
+        stream = GenerationStream(self, chunks, _TextAssembler(self.tokenizer), len(prompt_ids), stats, prompt_ids)
         self._active_stream = stream
         return stream
 
@@ -543,6 +605,7 @@ class Pipeline:
             sd_policy = GammaPolicy(profile, draft_step, prior_alpha=alpha)
             gamma = best_gamma(alpha, profile, draft_step, sd_policy.max_gamma)
             sequential_rate = max(sequential_rate, expected_tokens(alpha, gamma) / (gamma * draft_step + profile.target_pass(gamma + 1)))
+        if has_draft and duo_is_a_candidate(self.target.device):
             runtime = self.duo_runtime()
             if runtime.costs is None:
                 runtime._choose_split()
@@ -553,11 +616,12 @@ class Pipeline:
                 stream = self._stream_duo(prompt_ids, request)
                 stream._stats.method = "auto:duo"
                 return stream
-        drafter = AutoDrafter(ChainDrafter(self.draft, self.target.vocab_size) if has_draft else None, sd_policy, GammaPolicy(profile, 0.0))
+        drafter = AutoDrafter(self.suffix_drafter(replace(request, gamma=None)), ChainDrafter(self.draft, self.target.vocab_size) if has_draft else None, sd_policy)
         stats = GenerationStats(method="auto", prompt_tokens=len(prompt_ids), gamma_auto=request.gamma is None)
         stats.auto_rounds = drafter.rounds
+        stats.choice_note = auto_choice_note(profile, self.draft_step_seconds() if has_draft else None)
         chunks = generate_tokens(self.target, drafter, prompt_ids, request, drafter.policy, self.eos_ids, stats, self.cost_tracker)
-        stream = GenerationStream(self, self._learn_alpha(chunks, stats), _TextAssembler(self.tokenizer), len(prompt_ids), stats)
+        stream = GenerationStream(self, self._learn_alpha(chunks, stats), _TextAssembler(self.tokenizer), len(prompt_ids), stats, prompt_ids)
         self._active_stream = stream
         return stream
 
@@ -586,6 +650,27 @@ class Pipeline:
             pass
         assert stream.result is not None
         return stream.result
+
+
+# With fewer CPU cores, a draft process and the target split too few between them: duo ran at 0.50x
+# (AMD EPYC) and 0.59x (Intel AMX Xeon) of plain decoding on 2 cores, so auto does not even measure it.
+DUO_MIN_CPU_CORES = 4
+
+
+def duo_is_a_candidate(device: torch.device) -> bool:
+    """Whether `auto` measures duo at all: a GPU target (the draft then has the CPU), or enough CPU cores."""
+    return device.type == "cuda" or len(os.sched_getaffinity(0)) >= DUO_MIN_CPU_CORES
+
+
+def auto_choice_note(profile: CostProfile, draft_step: float | None) -> str:
+    """Why `auto` may or may not use the draft model here, in measured terms (its summary line)."""
+    costs = f"a 2-token pass costs {profile.target_pass(2) / profile.target_pass(1):.2f}x a 1-token pass"
+    if draft_step is None:
+        return f"suffix trees where a repeat pays ({costs}); no draft model"
+    ratio = draft_step / profile.target_pass(1)
+    policy = GammaPolicy(profile, draft_step)
+    verdict = "can pay where it is often right" if policy.could_pay else "cannot pay here, at any acceptance"
+    return f"suffix trees where a repeat pays; the draft model {verdict} ({costs}, a draft step {ratio:.2f}x a target step)"
 
 
 def encode_prompt(tokenizer, vocab_size: int, prompt: str | list[int] | list[dict], chat: bool | None = None) -> list[int]:
@@ -632,6 +717,9 @@ def load(
     progress: bool = True,
     offload: bool = False,
     deterministic: bool = False,
+    suffix_history_tokens: int = DEFAULT_HISTORY_TOKENS,
+    suffix_scope: str = "shared",
+    prefix_cache: bool = True,
 ) -> Pipeline:
     """Load a target model (default: the embedded Qwen2.5-Coder-1.5B-Instruct) and note the draft.
 
@@ -648,7 +736,16 @@ def load(
     deterministic: the target's logits for every position of a multi-token pass are bit-identical to a
     one-token decode of the same prefix, so greedy output of every method equals `ar` bit for bit
     (transformers only; checked against this machine's kernels at load, refused where they cannot keep it).
+    suffix_history_tokens: how many tokens of earlier requests (prompts and answers) suffix decoding
+    keeps to draft from, oldest evicted first. suffix_scope: "shared" (default) drafts from them,
+    "request" only from the request itself (nothing of one request shapes another's drafts).
+    prefix_cache: keep each model's KV cache after a request and reuse the longest token prefix the
+    next prompt shares with it (a second turn prefills only the new turn); False starts every request
+    from empty caches. Greedy answers are the same either way (up to near-ties in bfloat16/float16).
     """
+    SuffixHistory(suffix_history_tokens)  # checks the limit before any model loads
+    if suffix_scope not in SUFFIX_SCOPES:
+        raise DuospecError(f"unknown suffix scope {suffix_scope!r}; choose one of: {', '.join(SUFFIX_SCOPES)}")
     from duospec.models.llamacpp import LlamaCppSettings
     from duospec.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 
@@ -694,6 +791,9 @@ def load(
         cost_identity=loaded.cost_identity,
         target_source=target_name,
         progress=progress,
+        suffix_history_tokens=suffix_history_tokens,
+        suffix_scope=suffix_scope,
+        prefix_cache=prefix_cache,
     )
 
 

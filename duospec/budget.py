@@ -193,7 +193,7 @@ class GammaPolicy:
             # than `ar`; where drafting would pay at a higher acceptance, probe now and then to learn
             # whether the text has become predictable.
             self._idle_rounds += 1
-            if self._could_pay and self._idle_rounds % PROBE_EVERY == 0:
+            if self.could_pay and self._idle_rounds % PROBE_EVERY == 0:
                 return DraftBudget(1)
             return DraftBudget(0)
         if self.draft_step_seconds == 0:
@@ -214,7 +214,7 @@ class GammaPolicy:
         return expected_tokens(alpha_first, gamma, alpha_next) / cost > (1.0 + DRAFT_MARGIN) / self.profile.target_pass(1)
 
     @property
-    def _could_pay(self) -> bool:
+    def could_pay(self) -> bool:
         """Whether drafting would pay at a good acceptance rate (PROBE_ALPHA). Only then are probes
         worth their cost, which for a draft model includes catching its cache up on everything
         decoded since it last ran (the whole prompt, the first time: seconds for a long one)."""

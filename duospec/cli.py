@@ -10,6 +10,7 @@ from pathlib import Path
 
 from duospec.config import DRAFT_QUANTIZATIONS, DuospecError
 from duospec.drafting import METHODS
+from duospec.drafting.suffix import DEFAULT_HISTORY_TOKENS, SUFFIX_SCOPES
 from duospec.models.loading import BACKENDS
 
 EXIT_USAGE = 2
@@ -36,6 +37,25 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="every logit of a multi-token target pass bit-identical to a one-token decode, so greedy output of every method "
         "equals ar's bit for bit (transformers backend; checked on this machine at load, refused where its kernels cannot keep it)",
     )
+    group.add_argument(
+        "--suffix-history-tokens",
+        type=int,
+        default=DEFAULT_HISTORY_TOKENS,
+        help=f"suffix decoding (suffix, auto): tokens of earlier prompts and answers kept to draft from, oldest evicted first (default {DEFAULT_HISTORY_TOKENS:,}, 4 bytes each)",
+    )
+    group.add_argument(
+        "--suffix-scope",
+        default="shared",
+        choices=SUFFIX_SCOPES,
+        help="suffix decoding drafts from earlier requests of this process (shared, the default) or only from the request itself (request: "
+        "one user's text never shapes another's drafts or their timing)",
+    )
+    group.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="start every request from empty KV caches (default: keep the last request's cache and reuse the token prefix "
+        "the next prompt shares with it, so a second turn prefills only what is new; greedy answers stay the same)",
+    )
 
 
 def load_pipeline(args: argparse.Namespace):
@@ -55,12 +75,15 @@ def load_pipeline(args: argparse.Namespace):
         context=args.ctx_size,
         offload=args.offload,
         deterministic=args.deterministic,
+        suffix_history_tokens=args.suffix_history_tokens,
+        suffix_scope=args.suffix_scope,
+        prefix_cache=not args.no_prefix_cache,
     )
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("decoding")
-    group.add_argument("--method", default="sd", help=f"one of: {', '.join(f'{name} ({spec.summary})' for name, spec in METHODS.items())}")
+    group.add_argument("--method", default="auto", help=f"one of: {', '.join(f'{name} ({spec.summary})' for name, spec in METHODS.items())} (default: auto)")
     group.add_argument("--max-new-tokens", type=int, default=128)
     group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     group.add_argument("--top-p", type=float, default=1.0)
@@ -218,8 +241,12 @@ def _report(result, as_json: bool) -> None:
     gamma = "" if stats.gamma is None else f", gamma {stats.gamma} ({'auto' if stats.gamma_auto else 'fixed'})"
     if stats.auto_rounds:
         gamma += ", rounds by method: " + ", ".join(f"{name} {count}" for name, count in sorted(stats.auto_rounds.items(), key=lambda item: -item[1]))
+    if stats.choice_note:
+        gamma += f" ({stats.choice_note})"
     if stats.fallback:
         gamma += f", went on without its draft ({stats.fallback})"
+    if stats.reused_prompt_tokens:  # the prefix cache: these prompt tokens needed no pass
+        gamma += f", {stats.reused_prompt_tokens} of {stats.prompt_tokens} prompt tokens already cached"
     print(
         f"\n[{stats.method}] {stats.new_tokens} tokens in {stats.seconds:.2f} s ({stats.tokens_per_second:.2f} tok/s), "
         f"{stats.mean_accepted:.2f} tokens per target pass{acceptance}{gamma}, first token after {stats.ttft_seconds or 0:.2f} s, "

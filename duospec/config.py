@@ -99,7 +99,7 @@ class GenerationRequest:
         for label, value, top in (("tree_budget", self.tree_budget, MAX_TREE_BUDGET), ("tree_depth", self.tree_depth, MAX_TREE_DEPTH)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not (1 <= value <= top)):
                 raise DuospecError(f"{label} must be an integer in 1..{top}, got {value!r}; omit it to let duospec choose")
-        if self.lenience < 1.0 and self.method == "specexec":
-            raise DuospecError("lenience applies to chains (sd, pld); specexec verifies its trees exactly, so pass no --lenience with it")
+        if self.lenience < 1.0 and self.method in ("specexec", "suffix"):
+            raise DuospecError(f"lenience applies to chains (sd, pld); {self.method} verifies its trees exactly, so pass no --lenience with it")
         if self.lenience < 1.0 and self.method == "ar":
             raise DuospecError("lenience only applies to speculative methods (sd, pld); method 'ar' drafts nothing")

@@ -18,6 +18,7 @@ class GenerationStats:
     method: str
     prompt_tokens: int
     new_tokens: int = 0
+    reused_prompt_tokens: int = 0  # prompt tokens the last request left cached (no pass; models/prefix.py)
     target_passes: int = 0
     drafted_tokens: int = 0  # draft tokens sent to verification
     accepted_tokens: int = 0  # draft tokens the verifier kept
@@ -25,7 +26,7 @@ class GenerationStats:
     gammas: list[int] = field(default_factory=list)  # draft tokens proposed in each round
     seconds: float = 0.0
     ttft_seconds: float | None = None
-    prefill_seconds: float = 0.0  # the target's prompt pass (the draft's prompt pass is draft time)
+    prefill_seconds: float = 0.0  # the target's prompt pass over the tokens not reused (the draft's prompt pass is draft time)
     draft_seconds: float = 0.0
     target_seconds: float = 0.0  # verification passes, prefill excluded
     verify_seconds: float = 0.0
@@ -33,6 +34,7 @@ class GenerationStats:
     gamma_auto: bool = True
     alpha_estimate: float | None = None
     auto_rounds: dict = field(default_factory=dict)  # `auto`: rounds per method it chose
+    choice_note: str = ""  # `auto`: why a candidate could or could not pay here, in measured terms
     fallback: str = ""  # why a method went on without its draft (a lost draft process), if it did
     peak_rss_mb: float | None = None  # the process's peak resident memory so far (weights, caches, logits)
     peak_gpu_mb: float | None = None  # torch's peak allocated CUDA memory, where a GPU is in use
@@ -74,6 +76,7 @@ class GenerationStats:
         return {
             "method": self.method,
             "prompt_tokens": self.prompt_tokens,
+            "reused_prompt_tokens": self.reused_prompt_tokens,
             "new_tokens": self.new_tokens,
             "gamma": self.gamma,
             "gamma_auto": self.gamma_auto,
@@ -91,6 +94,7 @@ class GenerationStats:
             **({"peak_gpu_mb": round(self.peak_gpu_mb, 1)} if self.peak_gpu_mb is not None else {}),
             **({"fallback": self.fallback} if self.fallback else {}),
             **({"auto_rounds": dict(self.auto_rounds)} if self.auto_rounds else {}),
+            **({"choice_note": self.choice_note} if self.choice_note else {}),
             "time_breakdown": {
                 "prefill": round(self.prefill_seconds, 4),
                 "draft": round(self.draft_seconds, 4),

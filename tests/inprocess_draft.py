@@ -23,8 +23,8 @@ class InProcessDraft:
         self.ahead = ahead
         self.rounds = 0
 
-    def begin(self, prompt, sampling, seed) -> None:
-        self.state.begin(list(prompt), sampling, seed)
+    def begin(self, prompt, sampling, seed, reuse: bool = True) -> None:
+        self.state.begin(list(prompt), sampling, seed, reuse)
         self.rounds = 0
 
     def commit(self, tokens) -> None:

@@ -7,6 +7,7 @@ methods is tested with injected split costs (the rule, not this machine's timing
 from __future__ import annotations
 
 import multiprocessing
+import os
 
 import pytest
 import torch
@@ -38,7 +39,7 @@ def _inject(pipeline, costs: SplitCosts) -> None:
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, 7, 40])
-def test_auto_in_process_equals_ar(pipe, max_new_tokens):
+def test_auto_in_process_equals_ar(pipe, max_new_tokens, duo_candidate):
     _inject(pipe, SLOW_DUO)
     reference = pipe.generate(PROMPT, method="ar", max_new_tokens=max_new_tokens).token_ids
     result = pipe.generate(PROMPT, method="auto", max_new_tokens=max_new_tokens)
@@ -47,10 +48,32 @@ def test_auto_in_process_equals_ar(pipe, max_new_tokens):
     if max_new_tokens > 1:
         # every round that could draft says what ran (a round with room for no draft token asks nobody)
         assert 0 < sum(result.stats.auto_rounds.values()) <= result.stats.target_passes - 1
-        assert set(result.stats.auto_rounds) <= {"ar", "sd", "pld"}
+        assert set(result.stats.auto_rounds) <= {"ar", "sd", "suffix"}
+        assert "a 2-token pass costs" in result.stats.choice_note
 
 
-def test_auto_picks_duo_where_its_measured_costs_promise_more(pipe, capsys):
+@pytest.fixture
+def duo_candidate(monkeypatch):
+    """duo is measured only with 4+ CPU cores (or a GPU); these tests check the rule on any machine."""
+    import duospec.api
+
+    monkeypatch.setattr(duospec.api, "DUO_MIN_CPU_CORES", 1)
+
+
+def test_auto_does_not_measure_duo_on_too_few_cores(monkeypatch):
+    import duospec.api
+
+    target = tiny_model(0).float()
+    pipeline = tiny_pipeline(target, perturbed(target, 0.05, 1).float())
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(type(pipeline), "duo_runtime", lambda self: pytest.fail("measured duo on 2 cores"))
+    result = pipeline.generate(PROMPT, method="auto", max_new_tokens=12)
+    assert result.stats.method == "auto"
+    assert not duospec.api.duo_is_a_candidate(torch.device("cpu"))
+    assert duospec.api.duo_is_a_candidate(torch.device("cuda"))
+
+
+def test_auto_picks_duo_where_its_measured_costs_promise_more(pipe, capsys, duo_candidate):
     _inject(pipe, FAST_DUO)
     pipe.verbose = True
     try:

@@ -30,7 +30,7 @@ from duospec.cli import main
 from duospec.config import DuospecError
 from duospec.drafting import METHODS, MethodSpec
 
-ALL_METHODS = ("ar", "sd", "pld", "specexec", "multiseq", "duo", "auto", "hf-ar", "hf-assisted", "hf-pld")
+ALL_METHODS = ("ar", "sd", "pld", "suffix", "specexec", "multiseq", "duo", "auto", "hf-ar", "hf-assisted", "hf-pld")
 MAX_NEW_TOKENS = 12
 
 
@@ -85,6 +85,29 @@ def test_greedy_answers_of_every_method_equal_ar_in_float32(full_run):
     # not a plausible excuse here: every method, ours and the library's, must match exactly.
     checked = [r for r in _records(full_run) if r["method"] != "ar"]
     assert checked and all(r["greedy"]["status"] == "match" for r in checked)
+
+
+def test_a_warm_run_reuses_turn_one_in_turn_two_and_a_cold_run_reuses_nothing(pipe, questions, tmp_path):
+    """Issue 21 item 6: cold answers start from empty caches (as always); with --warm a method's
+    second turn keeps what its first turn cached, and answers the same tokens."""
+    runs = {}
+    for warm in (False, True):
+        settings = BenchSettings(methods=("ar", "sd", "pld"), tasks=("mt_bench",), limit=1, max_new_tokens=MAX_NEW_TOKENS, questions=questions, warm=warm)
+        runs[warm] = {_key(r): r for r in run_bench(pipe, settings, tmp_path / f"warm-{warm}", progress=False)}
+    assert all(r["warm"] is False and r["reused_prompt_tokens"] == 0 for r in runs[False].values())
+    for key, record in runs[True].items():
+        _, turn, _ = key
+        assert record["warm"] is (turn > 1)
+        if turn > 1:  # the first turn's prompt and answer were cached: most of this prompt
+            first = runs[True][(key[0], 1, key[2])]
+            assert record["reused_prompt_tokens"] > first["prompt_tokens"] // 2, record["reused_prompt_tokens"]
+        else:
+            assert record["reused_prompt_tokens"] == 0
+        assert record["token_ids"] == runs[False][key]["token_ids"]  # warm or cold, the same answer
+        assert record["greedy"] is None or record["greedy"]["status"] == "match"
+    assert {turn for _, turn, _ in runs[True]} == {1, 2}
+    assert json.loads((tmp_path / "warm-True" / CONFIG_NAME).read_text())["flags"]["warm"] is True
+    assert "warm" not in json.loads((tmp_path / "warm-False" / CONFIG_NAME).read_text())["flags"]  # cold runs keep their config key
 
 
 def test_second_turn_prompt_quotes_the_methods_own_first_answer(full_run, pipe, questions):
@@ -256,7 +279,7 @@ def test_unknown_method_and_a_draft_method_without_a_draft_are_refused():
         resolve_methods(["sd", "nope"], has_draft=True)
     with pytest.raises(DuospecError, match=r"method sd, hf-assisted needs a draft model"):
         resolve_methods(["sd", "hf-assisted"], has_draft=False)
-    assert resolve_methods(None, has_draft=False) == ["ar", "pld", "auto", "hf-ar", "hf-pld"]  # not an error: left out
+    assert resolve_methods(None, has_draft=False) == ["ar", "pld", "suffix", "auto", "hf-ar", "hf-pld"]  # not an error: left out
     assert "llama-ar" not in resolve_methods(None, has_draft=True)  # no GGUF target: left out, not an error
     with pytest.raises(DuospecError, match="GGUF"):
         resolve_methods(["llama-pld"], has_draft=True, has_gguf=False)
@@ -335,12 +358,13 @@ def test_the_printed_resume_command_repeats_every_flag_that_decides_the_results(
     argv = ["bench", "--methods", "ar,sd", "--limit", "3", "--max-new-tokens", "9", "--temperature", "0", "--top-k", "5",
             "--top-p", "0.9", "--seed", "4", "--questions", str(questions), "--draft-quant", "none", "--dtype", "float32",
             "--threads", "1", "--out", str(tmp_path / "run"), "--target", str(tmp_path / "t"), "--draft", str(tmp_path / "d"),
-            "--device", "cpu", "--backend", "transformers", "--draft-backend", "transformers", "--draft-threads", "1", "--ctx-size", "512"]
+            "--device", "cpu", "--backend", "transformers", "--draft-backend", "transformers", "--draft-threads", "1", "--ctx-size", "512",
+            "--warm", "--no-prefix-cache"]
     args = build_parser().parse_args(argv)
     command = bench_command(args, ["ar", "sd"], ["qa"], 3, tmp_path / "run")
     again = build_parser().parse_args(shlex.split(command)[1:])
     for flag in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "questions", "draft_quant", "dtype", "threads", "target", "draft",
-                 "device", "backend", "draft_backend", "draft_threads", "ctx_size"):
+                 "device", "backend", "draft_backend", "draft_threads", "ctx_size", "warm", "no_prefix_cache"):
         assert getattr(args, flag) is not None, flag  # a None == None check would prove nothing
         assert getattr(again, flag) == getattr(args, flag), flag
 
@@ -405,6 +429,8 @@ def _answer_record(question_id, method: str, new_tokens: int, seconds: float, tu
         "task": task,
         "method": method,
         "prompt_tokens": 10,
+        "warm": False,
+        "reused_prompt_tokens": 0,
         "new_tokens": new_tokens,
         "seconds": seconds,
         "ttft_seconds": seconds / new_tokens,

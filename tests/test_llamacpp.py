@@ -351,26 +351,6 @@ def test_sampled_methods_on_llama_cpp_follow_the_target_law(tmp_path, method):
     assert goodness_of_fit(counts, exact_two_token_law(target, sampling)) > 1e-4
 
 
-def test_amx_builds_on_amx_cpus_load_without_repacked_weights(monkeypatch):
-    """The guard against llama.cpp issue 20824: repacked weights stay on unless the build has AMX
-    kernels *and* the CPU has AMX (then the AMX matmul path would run and crash)."""
-    import llama_cpp
-
-    import duospec.models.llamacpp as backend
-
-    cases = {
-        (b"AVX2 = 1 | AMX_INT8 = 1 |", "flags : avx2 amx_tile amx_int8"): True,
-        (b"AVX2 = 1 | AMX_INT8 = 1 |", "flags : avx2 avx512f"): False,  # an AMX build on a CPU without AMX
-        (b"AVX2 = 1 | AVX512 = 1 |", "flags : avx2 amx_tile amx_int8"): False,  # the README's build
-    }
-    for (system, cpuinfo), expected in cases.items():
-        monkeypatch.setattr(backend, "_amx_checked", None)
-        monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda system=system: system)
-        monkeypatch.setattr(backend.Path, "read_text", lambda self, cpuinfo=cpuinfo: cpuinfo)
-        assert backend.amx_kernels_would_run(llama_cpp) is expected, (system, cpuinfo)
-    monkeypatch.setattr(backend, "_amx_checked", None)
-
-
 def test_an_architecture_llama_cpp_does_not_know_is_a_clear_error(tmp_path, target_hf):
     """A GGUF whose architecture this llama.cpp build cannot run fails with a message, not a crash."""
     import gguf

@@ -55,6 +55,7 @@ from duospec.drafting.chain import ChainDrafter
 from duospec.drafting.lookup import LookupDrafter
 from duospec.drafting.multiseq import MultiSequenceDrafter
 from duospec.drafting.specexec import SpecExecDrafter
+from duospec.drafting.suffix import SuffixDrafter, SuffixHistory, SuffixPolicy
 from duospec.engines import steps
 from duospec.engines.draft_process import ChainReply
 from duospec.engines.duo import generate_duo
@@ -63,7 +64,7 @@ from duospec.models.hf import HFModel
 from duospec.sampling import sample, warp_probs
 from duospec.stats import GenerationStats
 from duospec.tree import TokenTree
-from duospec.verify import Verdict, chain_acceptance_law, verify
+from duospec.verify import Verdict, chain_acceptance_law, verify, walk
 
 VOCAB = 8
 PROMPT = [3, 4, 5, 3, 4]  # ends in a repeated bigram, so prompt lookup proposes drafts
@@ -396,15 +397,37 @@ def case_specexec(models, sampling, samples, first_seed):
     return counts
 
 
+def suffix_history() -> SuffixHistory:
+    """Earlier "requests" that begin like PROMPT and go on in several ways, so suffix trees branch
+    and their size follows the match (1 to 7 tokens long) from round to round."""
+    history = SuffixHistory()
+    for continuation in ([5, 3, 4, 5, 6], [5, 7, 1], [6, 2, 2, 0], [5, 3, 4, 6], [1, 1, 0, 7, 2]):
+        history.add([*PROMPT, *continuation])
+    return history
+
+
+def case_suffix(models, sampling, samples, first_seed):
+    """suffix: trees of what followed the context's longest match in the history and the request
+    (sized by the cost policy, calibrated online), verified by target-sample matching."""
+    _, _, target = models
+    drafter = RecordingDrafter(SuffixDrafter(suffix_history(), SuffixPolicy(FLAT, max_nodes=6)))
+    counts, exercise = run_sequential(target, drafter, drafter.inner.policy, sampling, samples, first_seed)
+    exercise.check(varied=0.3, later_accepting=0.1)
+    assert exercise.kinds["tree"] > 0.5 * samples, exercise.kinds
+    return counts
+
+
 def case_auto(models, sampling, samples, first_seed):
-    """auto: each round prompt lookup or the draft model or nothing, each with its own cost-driven
-    GammaPolicy, so both the method and its gamma change between rounds."""
+    """auto: each round a suffix tree or the draft model's chain or nothing, each with its own
+    cost-driven policy, so both the method and its budget change between rounds."""
     _, draft_module, target = models
-    auto = AutoDrafter(ChainDrafter(HFModel(draft_module), VOCAB), GammaPolicy(FLAT, 0.0001, max_gamma=4), GammaPolicy(FLAT, 0.0, max_gamma=4))
+    # No history: suffix trees come from the request's own repeats (PROMPT ends in one), so the draft
+    # model gets the rounds where nothing repeats.
+    auto = AutoDrafter(SuffixDrafter(None, SuffixPolicy(FLAT, max_nodes=4)), ChainDrafter(HFModel(draft_module), VOCAB), GammaPolicy(FLAT, 0.0001, max_gamma=4))
     drafter = RecordingDrafter(auto)
     counts, exercise = run_sequential(target, drafter, auto.policy, sampling, samples, first_seed)
     exercise.check(varied=0.3)
-    assert exercise.kinds["pld"] > 0.5 * samples and exercise.kinds["sd"] > 0.5 * samples, exercise.kinds
+    assert exercise.kinds["suffix"] > 0.5 * samples and exercise.kinds["sd"] > 0.5 * samples, exercise.kinds
     return counts
 
 
@@ -431,6 +454,7 @@ CASES = {
     "sd": case_sd,
     "sd-cost": case_sd_cost,
     "pld": case_pld,
+    "suffix": case_suffix,
     "multiseq": case_multiseq,
     "specexec": case_specexec,
     "auto": case_auto,
@@ -438,7 +462,7 @@ CASES = {
     "duo-cost": case_duo_cost,
 }
 # The default run: one sampling setting per method (both kinds of warping covered), SAMPLES runs each.
-DEFAULT_CASES = [("sd", WARPED), ("pld", WARPED), ("multiseq", WARPED), ("specexec", PLAIN), ("duo", WARPED)]
+DEFAULT_CASES = [("sd", WARPED), ("pld", WARPED), ("suffix", WARPED), ("multiseq", WARPED), ("specexec", PLAIN), ("duo", WARPED)]
 
 
 @pytest.mark.parametrize("name, sampling", DEFAULT_CASES, ids=[f"{name}-{'warped' if s is WARPED else 't1'}" for name, s in DEFAULT_CASES])
@@ -528,6 +552,29 @@ def test_the_check_rejects_a_budget_that_reads_the_token_it_includes(models):
     tokens look unlikely (p ~ 1e-8 and 1e-10 at the later pairs when written)."""
     p_values = control_p_values(models, CutAtAnUnsureToken(ChainDrafter(HFModel(models[1]), VOCAB), floor=0.3), WARPED, CUT_SAMPLES)
     assert max(p_values[2:]) < 1e-6, p_values
+
+
+def walk_accepting_a_first_child(tree, choice) -> Verdict:
+    """Biased on purpose, for trees: where the target's choice at a node has no child, the walk goes
+    on into the node's first child anyway (a tree verifier that over-accepts)."""
+    choice = choice.clone()
+    for node in range(tree.n_nodes):
+        children = [child for child in range(1, tree.n_nodes) if tree.parents[child] == node]
+        carried = [int(tree.tokens[child]) for child in children]
+        if carried and int(choice[node]) not in carried:
+            choice[node] = carried[0]
+    return walk(tree, choice)
+
+
+def test_the_check_rejects_a_tree_verifier_that_over_accepts(models, monkeypatch):
+    """The suffix case through the same check, with its trees verified by the biased walk."""
+    monkeypatch.setattr(steps, "walk", walk_accepting_a_first_child)
+    target_module, _, target = models
+    drafter = SuffixDrafter(suffix_history(), SuffixPolicy(FLAT, max_nodes=6))
+    counts, exercise = run_sequential(target, drafter, drafter.policy, WARPED, CONTROL_SAMPLES)
+    assert exercise.drafted > CONTROL_SAMPLES
+    p_values = pair_p_values(counts, exact_law(target_module, WARPED), require_support=False)
+    assert max(p_values) < 1e-6, p_values
 
 
 @pytest.mark.slow

@@ -45,7 +45,13 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--top-p", type=float, default=1.0)
     bench.add_argument("--top-k", type=int, default=0)
     bench.add_argument("--seed", type=int, default=0, help="seed of every answer's sampling (default 0)")
-    bench.add_argument("--questions", type=Path, default=None, help="a JSONL file in Spec-Bench's format (question_id, category, turns); default: the packaged Spec-Bench questions")
+    bench.add_argument(
+        "--questions",
+        default=None,
+        metavar="NAME|FILE",
+        help="a packaged question set, spec_bench (default: Spec-Bench's 480 questions) or editing (12 two-turn code and text edits), "
+        "or a JSONL file in Spec-Bench's format (question_id, category, turns)",
+    )
     bench.add_argument("--out", type=Path, default=None, help="output directory (default: bench-results/<timestamp>); rerun with the same --out to resume")
     bench.add_argument(
         "--sweep-budget",
@@ -60,6 +66,12 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--tree-depth", type=int, default=None, help="specexec: the tree's depth cap (default 16)")
     bench.add_argument("--gamma", type=int, default=None, help="fixed draft tokens per round for sd, pld, multiseq and duo (default: chosen from measured costs)")
     bench.add_argument("--budget", type=int, default=None, help="fixed specexec tree budget (default: chosen each round from measured costs)")
+    bench.add_argument(
+        "--warm",
+        action="store_true",
+        help="answer later turns of a conversation warm: each method (llama-ar and llama-pld too) keeps the prefix its previous turn "
+        "left cached, so turn 2 prefills only the new turn (default: every answer starts from empty caches, its whole prompt timed)",
+    )
     add_model_arguments(bench)
     bench.set_defaults(handler=run_bench_command)
 
@@ -80,7 +92,7 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    from duospec.bench.data import available_tasks, load_questions, select_questions
+    from duospec.bench.data import available_tasks, load_questions, questions_file, select_questions
     from duospec.bench.methods import resolve_methods
     from duospec.bench.report import collect_meta, speedup_table, write_report
     from duospec.bench.runner import BenchSettings, check_out_dir, pipeline_flags, run_bench
@@ -91,9 +103,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
         methods=args.methods,
         tasks=args.tasks,
         limit=args.limit,
-        questions=args.questions,
+        questions=questions_file(args.questions),
         gamma=args.gamma,
         tree_budget=args.budget,
+        warm=args.warm,
         **decoding_options(args),
     )
     # Check everything that can be checked before spending time on loading models.
@@ -209,6 +222,8 @@ def bench_command(args: argparse.Namespace, methods: list[str], tasks: list[str]
     for flag, value in (("--gamma", getattr(args, "gamma", None)), ("--budget", getattr(args, "budget", None))):
         if value is not None:
             words += [flag, str(value)]
+    if getattr(args, "warm", False):
+        words.append("--warm")
     return shlex.join([*words, *_model_words(args), "--out", str(out)])
 
 
@@ -226,6 +241,8 @@ def _model_words(args: argparse.Namespace) -> list[str]:
         words += ["--draft-quant", args.draft_quant]
     if getattr(args, "deterministic", False):
         words.append("--deterministic")
+    if getattr(args, "no_prefix_cache", False):
+        words.append("--no-prefix-cache")
     return words
 
 

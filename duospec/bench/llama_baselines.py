@@ -3,9 +3,11 @@
 `llama-ar` is the library's plain `Llama.generate`; `llama-pld` is the same with its prompt-lookup
 draft (`LlamaPromptLookupDecoding(num_pred_tokens=10)`, the library's documented example). Both get
 the sampling flags the bench passes and neutral values for the rest (no repetition penalty, no
-min-p), the same threads and the same stop tokens as our methods. Each answer is a fresh sequence
+min-p), the same threads and the same stop tokens as our methods. A cold answer is a fresh sequence
 (`reset()` first: `generate` would otherwise reuse the cache of a prefix shared with the previous
-answer), so the whole prompt is processed inside the timed call, as ours is.
+answer), so the whole prompt is processed inside the timed call, as ours is. A warm answer (a `--warm`
+run's later turns) keeps it: the library's own prefix match then skips what the earlier turn cached,
+as our methods skip it, so the comparison stays fair.
 
 Target passes are counted by wrapping the `Llama.eval` call that `generate` makes once per pass.
 The prompt-lookup mode needs `logits_all=True`: without it the library indexes logits it did not
@@ -69,8 +71,10 @@ def _generate_llama(name: str, pipe: "Pipeline", prompt_ids: list[int], settings
     if settings.seed is not None:
         llm.set_seed(settings.seed)
     # generate() would reuse the cache of a prefix shared with the previous answer (the chat template's
-    # system prompt): forget it, so the whole prompt is processed inside the timed call, as ours is.
-    llm.reset()
+    # system prompt): a cold answer forgets it, so the whole prompt is processed inside the timed call,
+    # as ours is; a warm one keeps it, as ours keep theirs.
+    if not settings.warm:
+        llm.reset()
     options = dict(temp=0.0, top_k=1) if settings.temperature == 0 else dict(temp=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
     token_ids: list[int] = []
     try:
@@ -83,6 +87,7 @@ def _generate_llama(name: str, pipe: "Pipeline", prompt_ids: list[int], settings
     finally:
         del llm.eval
     stats.new_tokens = len(token_ids)
+    stats.reused_prompt_tokens = len(prompt_ids) - passes[0] if passes else 0  # the first pass runs what was not cached
     stats.target_passes = len(passes)
     stats.drafted_tokens = sum(n - 1 for n in passes[1:])
     stats.accepted_tokens = max(0, len(token_ids) - len(passes))

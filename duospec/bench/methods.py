@@ -33,6 +33,9 @@ class DecodeSettings:
     seed: int | None = None
     gamma: int | None = None  # chain methods' draft tokens per round; None = chosen from measured costs
     tree_budget: int | None = None  # specexec's draft nodes per tree; None = chosen from measured costs
+    # Keep what the caches hold from the method's previous answer (a `--warm` run's later turns reuse
+    # the earlier turn's prefix); False: every cache starts empty inside the timed call.
+    warm: bool = False
 
     def method_options(self, method: str) -> dict:
         """The fixed budget that applies to `method` (gamma to chains, the tree budget to specexec)."""
@@ -121,6 +124,8 @@ def resolve_methods(names: list[str] | None, has_draft: bool, has_gguf: bool = F
 
 
 def _generate_ours(method: str, pipe: "Pipeline", prompt_ids: list[int], settings: DecodeSettings) -> "GenerationResult":
+    if not settings.warm:
+        pipe.forget_prefixes()  # a cold answer: the whole prompt runs inside the timed call
     return pipe.generate(
         prompt_ids,
         method=method,

@@ -254,6 +254,12 @@ def render_markdown(summary: dict, meta: dict) -> str:
         f"- Models: target `{flags['target']}`, draft `{flags['draft']}`; dtype {flags['dtype'].removeprefix('torch.')}, device {flags['device']}, threads {flags['threads']}",
         f"- Decoding: max_new_tokens {flags['max_new_tokens']}, temperature {flags['temperature']}, top_p {flags['top_p']}, top_k {flags['top_k']}, seed {flags['seed']}",
         f"- Questions: `{run['questions']}` (sha256 {flags['questions_sha256'][:12]}), {run['limit']} per task; methods {', '.join(run['methods'])}",
+        "- Caches: "
+        + (
+            "warm (`--warm`): a method's later turns keep the prefix its previous turn left cached (each record's reused_prompt_tokens)"
+            if flags.get("warm")
+            else "cold: every answer starts from empty KV caches, its whole prompt inside the timed call"
+        ),
         "",
         "## How to read this",
         "",

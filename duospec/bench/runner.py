@@ -7,6 +7,13 @@ instead of landing on whichever ran last; each method answers once untimed befor
 token ids, and the second turn of a conversation quotes the method's own first answer, as in
 Spec-Bench.
 
+Cold and warm: every answer starts from empty caches (the models' KV caches keep the last request's
+prefix otherwise, models/prefix.py), so its time includes the whole prompt, as it always did. With
+`--warm`, a method's later turns keep what its previous turn left cached: turn 2 prefills only what
+turn 1 did not already compute (llama-ar and llama-pld keep their own prefix the same way). Each
+record says `warm` and how many `reused_prompt_tokens` it skipped. A turn whose greedy check had to
+search a divergence (ties.py runs the target) leaves the next turn only the draft's prefix to reuse.
+
 Durability: each answer is appended to `results.jsonl` and fsync'ed the moment it finishes, so a
 crash or Ctrl-C loses at most the answer in progress. Rerunning with the same `--out` resumes: it
 skips every (question, turn, method) already there. Results made with different flags (`config.json`
@@ -30,6 +37,7 @@ from duospec.bench.methods import BASELINE_METHOD, DecodeSettings, bench_methods
 from duospec.bench.report import rate_ratio
 from duospec.bench.ties import divergence, near_tie_tolerance
 from duospec.config import DuospecError, GenerationRequest, SamplingConfig
+from duospec.drafting.suffix import SuffixHistory
 
 if TYPE_CHECKING:
     from duospec.api import Pipeline
@@ -56,11 +64,14 @@ class BenchSettings:
     questions: Path | None = None  # None = the packaged Spec-Bench file
     gamma: int | None = None  # fixed draft tokens per round for the chain methods (None = from measured costs)
     tree_budget: int | None = None  # fixed specexec tree budget (None = from measured costs)
+    warm: bool = False  # later turns keep the caches of the method's earlier turn (see the module docstring)
 
-    def decode(self, max_new_tokens: int | None = None) -> DecodeSettings:
-        """The decoding settings of one answer (a warm-up passes its own, shorter length)."""
+    def decode(self, max_new_tokens: int | None = None, turn: int = 1) -> DecodeSettings:
+        """The decoding settings of one answer (a warm-up passes its own, shorter length); warm for a
+        --warm run's later turns, cold otherwise."""
         length = self.max_new_tokens if max_new_tokens is None else max_new_tokens
-        return DecodeSettings(length, self.temperature, self.top_p, self.top_k, self.seed, self.gamma, self.tree_budget)
+        warm = self.warm and turn > 1
+        return DecodeSettings(length, self.temperature, self.top_p, self.top_k, self.seed, self.gamma, self.tree_budget, warm)
 
     @property
     def questions_path(self) -> Path:
@@ -92,7 +103,9 @@ def result_flags(target: str, draft: str | None, dtype: str, device: str, thread
         "top_k": settings.top_k,
         "seed": settings.seed,
         "questions_sha256": file_sha256(settings.questions_path),
-    } | {name: value for name, value in (("gamma", settings.gamma), ("tree_budget", settings.tree_budget)) if value is not None}
+    } | {name: value for name, value in (("gamma", settings.gamma), ("tree_budget", settings.tree_budget)) if value is not None} | (
+        {"warm": True} if settings.warm else {}  # only a warm run records it: cold runs keep their config key
+    )
 
 
 def pipeline_flags(pipe: "Pipeline", settings: BenchSettings) -> dict:
@@ -264,10 +277,15 @@ def run_bench(
     ]
     if not pending:
         return store.records
+    # Each method drafts from the suffix history of its own earlier answers only: one shared history
+    # would hand `suffix` the answer `ar` just gave to the same question.
+    histories = {method: SuffixHistory(pipe.suffix_history.max_tokens) for _, method, _ in pending}
     for method in dict.fromkeys(method for _, method, _ in pending):
         _say(progress, f"warming up {method}")
         warmup = settings.decode(min(WARMUP_TOKENS, settings.max_new_tokens))
-        registry[method].generate(pipe, conversation_ids(pipe, selected[0].turns, []), warmup)
+        with pipe.separate_suffix_history(histories[method]):
+            registry[method].generate(pipe, conversation_ids(pipe, selected[0].turns, []), warmup)
+        histories[method].clear()  # the warm-up answered the first question: it must not draft from that
 
     from tqdm import tqdm
 
@@ -276,7 +294,8 @@ def run_bench(
     try:
         for question, method, turn in pending:
             bar.set_description(f"{method} | {question.task}")
-            record = _answer(pipe, registry[method].generate, question, method, turn, settings, store)
+            with pipe.separate_suffix_history(histories[method]):
+                record = _answer(pipe, registry[method].generate, question, method, turn, settings, store)
             store.append(record)
             speedups.add(record, store)
             bar.set_postfix_str(speedups.text(), refresh=False)
@@ -292,7 +311,7 @@ def _answer(pipe: "Pipeline", generate, question: Question, method: str, turn: i
     """Generate one turn's answer (timed), compare it with ar's, and build its record."""
     earlier = [store.get((question.question_id, t, method)) for t in range(1, turn)]
     prompt_ids = conversation_ids(pipe, question.turns, [record["text"].strip() for record in earlier])
-    decode = settings.decode()
+    decode = settings.decode(turn=turn)
     start = time.perf_counter()
     result = generate(pipe, prompt_ids, decode)
     seconds = time.perf_counter() - start
@@ -310,6 +329,8 @@ def _answer(pipe: "Pipeline", generate, question: Question, method: str, turn: i
         "task": question.task,
         "method": method,
         "prompt_tokens": len(prompt_ids),
+        "warm": decode.warm,
+        "reused_prompt_tokens": stats.reused_prompt_tokens,  # prompt tokens the caches already held (no pass)
         "new_tokens": len(result.token_ids),
         "seconds": seconds,  # wall clock of the whole call, measured the same way for every method
         "ttft_seconds": stats.ttft_seconds,

@@ -35,9 +35,11 @@ def run_sweep(pipe: "Pipeline", questions: list["Question"], budgets: tuple[int,
     rows: list[dict] = []
     for index, question in enumerate(questions):
         prompt_ids = pipe.encode(question.turns[0])
+        pipe.forget_prefixes()  # every answer cold: the same prompt must not ride on the last answer's cache
         reference = pipe.generate(prompt_ids, method="ar", **options)
         rows.append(_row(question, "ar", None, reference, reference))
         for budget in budgets:
+            pipe.forget_prefixes()
             result = pipe.generate(prompt_ids, method="specexec", tree_budget=budget, tree_depth=depth, **options)
             rows.append(_row(question, "specexec", budget, result, reference))
             if decode.temperature == 0 and not rows[-1]["greedy_match"]:

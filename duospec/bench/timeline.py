@@ -16,6 +16,7 @@ def record_duo_timeline(pipe, prompt_ids: list[int], settings: DecodeSettings) -
     runtime.timeline = []
     if runtime.process is not None:
         runtime.process.step_times()  # forget draft steps from before this answer
+    pipe.forget_prefixes()  # a cold answer, its prefill on the timeline as in the bench
     try:
         result = pipe.generate(
             prompt_ids, method="duo", max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,

@@ -50,7 +50,7 @@ class MethodSpec:
     # make_drafter(draft_model_or_None, target_model, request) -> Drafter or None (plain autoregressive)
     make_drafter: Callable[[object | None, object, object], Drafter | None]
     # "sequential" (engines/sequential.py, chain budget), "tree" (the same engine with SpecExec's node
-    # budget), "duo" (engines/duo.py) or "auto"
+    # budget), "suffix" (the same engine, a tree sized by the suffix policy), "duo" (engines/duo.py) or "auto"
     engine: str = "sequential"
 
 
@@ -88,10 +88,11 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("ar", "autoregressive: one target pass per token (the baseline)", False, _no_drafter),
         MethodSpec("sd", "speculative decoding: a draft model proposes a chain of gamma tokens", True, _chain_drafter),
         MethodSpec("pld", "prompt lookup: copy what followed the last n-gram earlier in the context", False, _lookup_drafter),
+        MethodSpec("suffix", "suffix decoding: a tree of what followed the context's longest repeated suffix, in this request and earlier ones (no model)", False, _no_drafter, engine="suffix"),
         MethodSpec("multiseq", "speculative decoding with DuoDecoding's multi-sequence drafts, verified as one tree", True, _multiseq_drafter),
         MethodSpec("specexec", "SpecExec: a best-first tree of the draft's likeliest continuations (hundreds of nodes), verified in one pass", True, _specexec_drafter, engine="tree"),
         MethodSpec("duo", "DuoDecoding: the draft drafts in its own process while the target verifies", True, _no_drafter, engine="duo"),
-        MethodSpec("auto", "the fastest of ar, sd, pld and duo here, from measured costs and online acceptance", False, _no_drafter, engine="auto"),
+        MethodSpec("auto", "the fastest of ar, suffix, sd and duo here, from measured costs and online acceptance", False, _no_drafter, engine="auto"),
     )
 }
 METHOD_NAMES = frozenset(METHODS)

@@ -1,12 +1,14 @@
 """`--method auto`: each round, the method that promises the most tokens per second.
 
-Candidates in this process: `pld` (a copy of what followed the context's last n-gram, free to draft),
-`sd` (a chain from the draft model) and `ar` (nothing drafted). Each has its own GammaPolicy, so each
-learns its own acceptance online and prices its own draft cost against the measured target curve;
-a round uses prompt lookup when it finds a match and its policy says drafting pays, else the draft
-model when its policy says that pays, else plain decoding. The evidence moves as the text does
-(code that repeats the prompt, then free prose), and the choice moves with it. Whether a separate
-draft process (`duo`) beats all of them is decided per request from its measured costs (api.py).
+Candidates in this process: `suffix` (a tree of what followed the context's longest repeated suffix,
+in this request or an earlier one; free to draft, so it covers prompt lookup too), `sd` (a chain from
+the draft model) and `ar` (nothing drafted). Each prices its draft against the measured target curve
+with its own policy: the suffix policy verifies the part of its tree that pays (none when nothing
+matches or nothing pays), the draft model's GammaPolicy learns its acceptance online. A round uses
+the suffix tree when one pays, else the draft model when its policy says that pays, else plain
+decoding. The evidence moves as the text does (code that repeats the prompt, then free prose), and
+the choice moves with it. Whether a separate draft process (`duo`) beats all of them is decided per
+request from its measured costs (api.py).
 
 Exact: every round is one of the exact methods, and which one runs depends only on the context
 and on earlier rounds, never on the tokens a round drafts.
@@ -21,23 +23,21 @@ import torch
 from duospec.budget import DraftBudget, GammaPolicy
 from duospec.config import SamplingConfig
 from duospec.drafting.chain import ChainDrafter
-from duospec.drafting.lookup import LookupDrafter, find_continuation
+from duospec.drafting.suffix import SuffixDrafter
 from duospec.tree import TokenTree
 from duospec.verify import Verdict
 
 
 class AutoDrafter:
-    """Chooses pld, sd or ar each round; `policy` is the facade the engine re-budgets through."""
+    """Chooses suffix, sd or ar each round; `policy` is the facade the engine re-budgets through."""
 
-    def __init__(self, model_drafter: ChainDrafter | None, sd_policy: GammaPolicy | None, pld_policy: GammaPolicy) -> None:
+    def __init__(self, suffix: SuffixDrafter, model_drafter: ChainDrafter | None, sd_policy: GammaPolicy | None) -> None:
+        self.suffix = suffix
         self.model_drafter = model_drafter
         self.sd_policy = sd_policy
-        self.pld_policy = pld_policy
-        self.lookup = LookupDrafter()
         self.policy = _AutoPolicy(self)
         self.rounds: Counter[str] = Counter()  # rounds per chosen method (reported)
         self._last: str = "ar"
-        self._cap = 0
 
     @property
     def model(self):  # the engine picks the draft generator's device from here
@@ -50,38 +50,38 @@ class AutoDrafter:
     def reset(self) -> None:
         self.rounds.clear()
         self._last = "ar"
+        self.suffix.reset()
+        self.suffix.policy.reset()
         if self.model_drafter is not None:
             self.model_drafter.reset()
-        for policy in (self.sd_policy, self.pld_policy):
-            if policy is not None:
-                policy.reset()
+        if self.sd_policy is not None:
+            self.sd_policy.reset()
 
     def propose(self, context: list[int], budget: DraftBudget, sampling: SamplingConfig, generator: torch.Generator | None) -> TokenTree:
         cap = budget.max_tokens
-        pld_budget = self.pld_policy.next_budget().capped(cap)
-        copied = find_continuation(context, pld_budget.max_tokens) if pld_budget.max_tokens > 0 else []
-        if copied:
-            self._last = "pld"
-            self.rounds["pld"] += 1
-            return TokenTree.chain(torch.tensor([context[-1], *copied], dtype=torch.long))
+        tree = self.suffix.propose(context, DraftBudget(min(cap, self.suffix.policy.max_nodes)), sampling, generator)
+        if tree.n_draft:
+            return self._chose("suffix", tree)
         if self.model_drafter is not None and self.sd_policy is not None:
             sd_budget = self.sd_policy.next_budget().capped(cap)
             if sd_budget.max_tokens > 0:
-                self._last = "sd"
-                self.rounds["sd"] += 1
-                return self.model_drafter.propose(context, sd_budget, sampling, generator)
-        self._last = "ar"
-        self.rounds["ar"] += 1
-        return TokenTree.chain(torch.tensor([context[-1]], dtype=torch.long))
+                return self._chose("sd", self.model_drafter.propose(context, sd_budget, sampling, generator))
+        return self._chose("ar", TokenTree.chain(torch.tensor([context[-1]], dtype=torch.long)))
+
+    def _chose(self, method: str, tree: TokenTree) -> TokenTree:
+        self._last = method
+        self.rounds[method] += 1
+        return tree
 
     def feedback(self, verdict: Verdict) -> None:
         if self._last == "sd" and self.model_drafter is not None:
             self.model_drafter.feedback(verdict)
 
-    def observe(self, drafted: int, accepted: int) -> None:
-        policy = {"sd": self.sd_policy, "pld": self.pld_policy}.get(self._last)
-        if policy is not None:
-            policy.observe(drafted, accepted)
+    def observe_round(self, tree: TokenTree, verdict: Verdict) -> None:
+        if self._last == "suffix":
+            self.suffix.policy.observe_round(tree, verdict)
+        elif self._last == "sd" and self.sd_policy is not None:
+            self.sd_policy.observe(tree.n_draft, verdict.n_accepted)
 
     def summary(self) -> str:
         return ", ".join(f"{method} {count}" for method, count in self.rounds.most_common())
@@ -102,13 +102,11 @@ class _AutoPolicy:
     def next_budget(self) -> DraftBudget:
         return DraftBudget(64)
 
-    def observe_round(self, tree, verdict) -> None:
-        self.observe(tree.n_draft, verdict.n_accepted)
-
-    def observe(self, drafted: int, accepted: int) -> None:
-        self.drafter.observe(drafted, accepted)
+    def observe_round(self, tree: TokenTree, verdict: Verdict) -> None:
+        self.drafter.observe_round(tree, verdict)
 
     @property
     def alpha(self) -> float:
-        policy = {"sd": self.drafter.sd_policy, "pld": self.drafter.pld_policy}.get(self.drafter._last) or self.drafter.pld_policy
-        return policy.alpha
+        if self.drafter._last == "sd" and self.drafter.sd_policy is not None:
+            return self.drafter.sd_policy.alpha
+        return self.drafter.suffix.policy.alpha

@@ -4,6 +4,10 @@ The draft model keeps its own KV cache. After verification it learns how many of
 accepted (`feedback`); before the next proposal it crops its cache to that valid prefix and feeds what
 it has not seen: usually just the new root, or the last draft token plus the bonus token after a fully
 accepted round (gpt-fast's catch-up step). No token is read back from the device for this.
+
+Across requests the draft cache is kept too: `reset` does not drop it; the first catch-up of the next
+request keeps the prefix the new context shares with what the cache holds (models/prefix.py), which
+`feedback` records after every round.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import torch
 
 from duospec.budget import DraftBudget
 from duospec.config import SamplingConfig
+from duospec.models import prefix
 from duospec.models.base import Model
 from duospec.sampling import sample, warp_probs
 from duospec.tree import TokenTree
@@ -27,10 +32,15 @@ class ChainDrafter:
         self._valid = 0  # leading context tokens the draft cache holds correctly
         self._context_len = 0  # context length at the last proposal
         self._fed_drafts = 0  # draft tokens of the last proposal fed to the draft (all but the last)
+        self._context: list[int] = []  # the engine's context at the last proposal (a live list: it only grows)
+        self._reuse_pending = True  # the next catch-up first takes over the cache's recorded prefix
 
     def reset(self) -> None:
-        self.model.reset()
+        """A new sequence: the draft cache stays; the first catch-up keeps what it shares with the
+        new context and drops the rest (`_catch_up`)."""
         self._valid = self._context_len = self._fed_drafts = 0
+        self._context = []
+        self._reuse_pending = True
 
     def propose(
         self,
@@ -40,6 +50,7 @@ class ChainDrafter:
         generator: torch.Generator | None,
     ) -> TokenTree:
         root = torch.tensor([context[-1]], device=self.model.device)
+        self._context = context
         if self.model.max_context is not None and len(context) + budget.max_tokens > self.model.max_context:
             self._context_len, self._fed_drafts = self._valid, 0  # feedback then keeps the cache as it is
             return TokenTree.chain(root)  # the draft's own context is full: let the target go on alone
@@ -96,13 +107,25 @@ class ChainDrafter:
     def feedback(self, verdict: Verdict) -> None:
         """The draft cache stays valid up to the root and the accepted drafts it was fed."""
         self._valid = self._context_len + min(verdict.n_accepted, self._fed_drafts)
+        self._remember()
+
+    def _remember(self) -> None:
+        """Record the valid prefix for a later request (models/prefix.py). The engine has extended its
+        context by the accepted tokens before feedback, so context[:_valid] is what the cache holds;
+        cells past it (rejected drafts) are cropped by whoever reuses the record."""
+        if not self._reuse_pending:  # the cache is this request's (else it still holds an earlier one's, untouched)
+            prefix.remember(self.model, self._context, self._valid)
 
     def _catch_up(self, context: list[int]) -> torch.Tensor:
         """Crop the draft cache to its valid prefix, feed the context's rest, return the last logits.
 
         Usually the rest is the new root alone; after a fully accepted round it is the last draft token
-        plus the bonus token (gpt-fast's catch-up step); on the first round it is the whole prompt.
+        plus the bonus token (gpt-fast's catch-up step); on a request's first round it is the prompt
+        past the prefix it shares with the last request's (all of it when none is shared).
         """
+        if self._reuse_pending:
+            self._valid = prefix.reuse(self.model, context)
+            self._reuse_pending = False
         valid = min(self._valid, len(context) - 1)  # always feed at least the root
         if valid < self.model.cache_len:
             self.model.crop(valid)

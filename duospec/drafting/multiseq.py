@@ -206,6 +206,7 @@ class MultiSequenceDrafter(ChainDrafter):
             return super().propose(context, budget, sampling, generator)  # one chain, or nothing, as ChainDrafter
         device = self.model.device
         root = torch.tensor([context[-1]], device=device)
+        self._context = context
         first_logits = self._fit_vocab(self._catch_up(context))  # [1, V]: the draft's law after the root
         if sampling.is_greedy:
             first_logprobs = draft_logprobs(first_logits, sampling)[0]  # [V]
@@ -248,6 +249,7 @@ class MultiSequenceDrafter(ChainDrafter):
         super().feedback(verdict)
         if self.model.cache_len > self._valid:
             self.model.crop(self._valid)
+            self._remember()  # the crop dropped the record feedback made (models/prefix.py)
 
     def _confidences(self, first_logprobs: torch.Tensor, first_tokens: list[int], budget: DraftBudget) -> list[float]:
         """The draft's probability of each first token, which the budget's confidence floors read as

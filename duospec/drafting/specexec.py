@@ -33,6 +33,7 @@ import torch
 
 from duospec.budget import DraftBudget
 from duospec.config import SamplingConfig
+from duospec.models import prefix
 from duospec.models.base import Model
 from duospec.sampling import warp_probs
 from duospec.tree import TokenTree
@@ -79,12 +80,17 @@ class SpecExecDrafter:
         self._context_len = 0
         self._keep_slots: list[int] | None = None  # the open tree's chain part: catch-up tokens and the root
         self._slot_of_node: list[int] = []  # final tree node -> its slot in the draft's open tree, -1 if never run
+        self._context: list[int] = []  # the engine's context at the last proposal (a live list: it only grows)
+        self._reuse_pending = True  # the next root pass first takes over the cache's recorded prefix
 
     def reset(self) -> None:
-        self.model.reset()
+        """A new sequence: the draft cache stays; the first root pass keeps what it shares with the
+        new context (models/prefix.py) and drops the rest."""
         self._valid = self._context_len = 0
         self._keep_slots = None
         self._slot_of_node = []
+        self._context = []
+        self._reuse_pending = True
 
     # -- the search ---------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -104,6 +110,10 @@ class SpecExecDrafter:
         self.last_round_used_model = True
 
         # The root's pass: whatever context the draft has not cached, ending with the root (a chain).
+        if self._reuse_pending:
+            self._valid = prefix.reuse(self.model, context)
+            self._reuse_pending = False
+        self._context = context
         valid = min(self._valid, len(context) - 1)
         if valid < self.model.cache_len:
             self.model.crop(valid)
@@ -177,6 +187,8 @@ class SpecExecDrafter:
         self.model.keep(slots)
         self._valid = self._context_len + len(slots) - len(self._keep_slots)
         self._keep_slots = None
+        # The engine extended its context by the accepted tokens first: context[:_valid] is cached.
+        prefix.remember(self.model, self._context, self._valid)
 
 
 class _Pool:

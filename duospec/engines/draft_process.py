@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from duospec.config import DuospecError, SamplingConfig
+from duospec.models.prefix import common_prefix
 
 # Opcodes (one byte) of messages to the child ...
 _BEGIN, _COMMIT, _TAKE, _PARK, _STEP_TIMES, _BUSY, _STOP = b"B", b"C", b"T", b"P", b"S", b"U", b"X"
@@ -150,9 +151,10 @@ class DraftProcess:
         self.max_context = struct.unpack("<q", reply[9:17])[0] or None
 
     # -- requests ---------------------------------------------------------------------------------
-    def begin(self, prompt_ids: list[int], sampling: SamplingConfig, seed: int | None) -> None:
-        """Start a new sequence: the child resets and prefills the prompt while the target does."""
-        header = struct.pack("<dqdqq", sampling.temperature, sampling.top_k, sampling.top_p, -1 if seed is None else seed, int(seed is not None))
+    def begin(self, prompt_ids: list[int], sampling: SamplingConfig, seed: int | None, reuse: bool = True) -> None:
+        """Start a new sequence: the child keeps the cached prefix the prompt shares with its last
+        sequence (reuse; else it resets) and prefills the rest while the target does."""
+        header = struct.pack("<dqdqqq", sampling.temperature, sampling.top_k, sampling.top_p, -1 if seed is None else seed, int(seed is not None), int(reuse))
         self._send(_BEGIN + header + _ints(prompt_ids))
         self._unfed = len(prompt_ids)  # the next reply may wait for the child's prefill of all of them
 
@@ -335,13 +337,23 @@ class SpeculativeChain:
         self.step_seconds: list[float] = []
         self.intervals: list[tuple[float, float]] = []  # (start, end) of every forward, for timelines
 
-    def begin(self, prompt: list[int], sampling: SamplingConfig, seed: int | None) -> None:
+    def begin(self, prompt: list[int], sampling: SamplingConfig, seed: int | None, reuse: bool = True) -> None:
+        """A new sequence. With `reuse` the cache keeps the prefix the prompt shares with the last
+        sequence (committed + chain, whose prefix the cache always holds: a failed step ends this
+        process, so no request leaves it half-done), at most all but the prompt's last token."""
         self.sampling = sampling
         if seed is None:
             self.generator.seed()
         else:
             self.generator.manual_seed(seed)
-        self.model.reset()
+        keep = 0
+        if reuse:
+            held = self.committed + self.chain
+            keep = common_prefix(held, min(self.model.cache_len, len(held)), prompt, len(prompt) - 1)
+        if keep:
+            self.model.crop(keep)
+        else:
+            self.model.reset()
         self.committed, self.chain, self.rows, self.confidences, self.tops = list(prompt), [], [], [], []
 
     @property
@@ -483,9 +495,9 @@ def _serve(conn: Connection, factory, shared: SharedMemory, vocab_size: int) -> 
                 if op == _STOP:
                     return
                 if op == _BEGIN:
-                    temperature, top_k, top_p, seed, has_seed = struct.unpack("<dqdqq", message[1:41])
-                    prompt = np.frombuffer(message, dtype=np.int64, offset=41).tolist()
-                    state.begin(prompt, SamplingConfig(temperature, top_k, top_p), seed if has_seed else None)
+                    temperature, top_k, top_p, seed, has_seed, reuse = struct.unpack("<dqdqqq", message[1:49])
+                    prompt = np.frombuffer(message, dtype=np.int64, offset=49).tolist()
+                    state.begin(prompt, SamplingConfig(temperature, top_k, top_p), seed if has_seed else None, bool(reuse))
                     drafting, busy = True, False
                 elif op == _COMMIT:
                     state.commit(np.frombuffer(message, dtype=np.int64, offset=1).tolist())

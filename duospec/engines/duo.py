@@ -124,15 +124,18 @@ def generate_duo(
     on_lost=None,
     max_sequences: int = 8,
     timeline: list | None = None,
+    reuse_draft: bool = True,
 ) -> Iterator[list[int]]:
     """Yield each round's new tokens, the draft drafting in its own process meanwhile.
 
     on_lost(error) is called once if the draft process is lost; the generation then goes on alone.
     timeline, when a list, receives ("wait" | "target", start, end) perf_counter intervals (plots).
+    reuse_draft: the draft process keeps the prefix it shares with its last sequence (else it resets;
+    the target's own reuse follows its record, models/prefix.py).
     """
     sampling = request.sampling
     generator = steps.make_generator(sampling.seed, target.device)
-    target.reset()
+    reused = steps.reuse_prefix(target, prompt_ids, stats)  # the prefix shared with the last request stays cached
     planner.reset()
 
     def lose(error: DraftProcessLost) -> None:
@@ -145,14 +148,15 @@ def generate_duo(
     try:
         if draft is not None:
             try:
-                draft.begin(prompt_ids, sampling, steps.derived_seed(sampling.seed, 2))
+                draft.begin(prompt_ids, sampling, steps.derived_seed(sampling.seed, 2), reuse=reuse_draft)
             except DraftProcessLost as error:
                 lose(error)
         prefill_start = time.perf_counter()
-        first_token = steps.prefill(target, prompt_ids, sampling, generator, stats)
+        first_token = steps.prefill(target, prompt_ids, sampling, generator, stats, reused)
         if timeline is not None:
             timeline.append(("prefill", prefill_start, time.perf_counter()))
         progress = steps.Progress([*prompt_ids, first_token], 1, target.max_context or (len(prompt_ids) + request.max_new_tokens + 1))
+        steps.hold(target, progress)
         if draft is not None:
             try:
                 draft.commit([first_token])

@@ -162,13 +162,17 @@ class DuoRuntime:
         assert self.costs is not None
         return DuoPlanner(CostProfile(self.costs.target_pass_seconds), self.costs.draft_step_seconds, fixed_gamma=gamma)
 
-    def generate(self, prompt_ids: list[int], request: GenerationRequest, planner: DuoPlanner, stats: GenerationStats) -> Iterator[list[int]]:
-        """Duo's rounds with the target on its share of the machine; restores it afterwards."""
+    def generate(
+        self, prompt_ids: list[int], request: GenerationRequest, planner: DuoPlanner, stats: GenerationStats, reuse_draft: bool = True
+    ) -> Iterator[list[int]]:
+        """Duo's rounds with the target on its share of the machine; restores it afterwards.
+        reuse_draft: the draft process keeps the prefix shared with its last sequence."""
         process, split, _ = self.prepare()
         try:
             with target_placement(self.pipeline.target, split):
                 yield from generate_duo(
-                    self.pipeline.target, process, prompt_ids, request, planner, self.pipeline.eos_ids, stats, on_lost=self._lost, timeline=self.timeline
+                    self.pipeline.target, process, prompt_ids, request, planner, self.pipeline.eos_ids, stats,
+                    on_lost=self._lost, timeline=self.timeline, reuse_draft=reuse_draft,
                 )
         finally:
             self._track(planner)

@@ -52,14 +52,17 @@ def generate_tokens(
     sampling = request.sampling
     generator = steps.make_generator(sampling.seed, target.device)
     draft_generator = generator_for_drafter(drafter, generator, sampling.seed)
-    target.reset()
+    # The cache keeps what this prompt shares with the last request's context (models/prefix.py);
+    # a drafter keeps its draft cache's shared prefix the same way at its first proposal.
+    reused = steps.reuse_prefix(target, prompt_ids, stats)
     if drafter is not None:
         drafter.reset()
     if policy is not None:
         policy.reset()
 
-    first_token = steps.prefill(target, prompt_ids, sampling, generator, stats)
+    first_token = steps.prefill(target, prompt_ids, sampling, generator, stats, reused)
     progress = steps.Progress([*prompt_ids, first_token], 1, target.max_context or (len(prompt_ids) + request.max_new_tokens + 1))
+    steps.hold(target, progress)
     yield [first_token]
     if first_token in eos_ids:
         stats.finish("eos")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from duospec.config import GenerationRequest, SamplingConfig
+from duospec.models import prefix
 from duospec.models.base import Model
 from duospec.sampling import choose
 from duospec.stats import GenerationStats
@@ -58,10 +59,19 @@ class Progress:
         return min(remaining - 1, room - 1), ""
 
 
-def prefill(target: Model, prompt_ids: list[int], sampling: SamplingConfig, generator: torch.Generator, stats: GenerationStats) -> int:
-    """The prompt in one pass gives the first token, exactly as autoregressive decoding does."""
+def reuse_prefix(target: Model, prompt_ids: list[int], stats: GenerationStats) -> int:
+    """Keep the cached prefix the prompt shares with the last request (models/prefix.py), drop the
+    rest of the cache; returns how many prompt tokens need no pass."""
+    reused = prefix.reuse(target, prompt_ids)
+    stats.reused_prompt_tokens = reused
+    return reused
+
+
+def prefill(target: Model, prompt_ids: list[int], sampling: SamplingConfig, generator: torch.Generator, stats: GenerationStats, reused: int = 0) -> int:
+    """The prompt in one pass gives the first token, exactly as autoregressive decoding does; the
+    first `reused` prompt tokens are already cached (`reuse_prefix`) and are not run again."""
     start = time.perf_counter()
-    logits = target.forward(torch.tensor(prompt_ids, device=target.device), last_only=True)
+    logits = target.forward(torch.tensor(prompt_ids[reused:], device=target.device), last_only=True)
     first_token = int(choose(logits, sampling, generator)[0])
     stats.prefill_seconds += time.perf_counter() - start
     stats.target_passes += 1
@@ -69,6 +79,12 @@ def prefill(target: Model, prompt_ids: list[int], sampling: SamplingConfig, gene
     stats.tokens_per_pass.append(1)
     stats.mark_first_token()
     return first_token
+
+
+def hold(target: Model, progress: Progress) -> None:
+    """Record what the target cache holds now that it is consistent: the context but its last token
+    (the next round's root). Recorded by reference, no copy (models/prefix.py)."""
+    prefix.remember(target, progress.context, len(progress.context) - 1)
 
 
 def root_only(context: list[int], device: torch.device) -> TokenTree:
@@ -124,6 +140,7 @@ def keep(target: Model, verdict: Verdict, progress: Progress) -> None:
     progress.context.extend(verdict.tokens)
     if target.cache_len != len(progress.context) - 1:
         raise RuntimeError(f"target cache holds {target.cache_len} tokens, the context {len(progress.context) - 1}: a cache bug")
+    hold(target, progress)
 
 
 def emit(

@@ -5,7 +5,8 @@ Engines and drafters only talk to this protocol, never to transformers directly,
 
 Cache discipline: the cache holds a prefix of the sequence. `forward` appends new tokens (a chain or a
 whole tree) after it; `keep` then retains exactly the accepted nodes of that last forward, and `crop`
-drops everything past a length. The prompt is never run twice.
+drops everything past a length. The prompt is never run twice, not even by the next request: the
+cache outlives a request, and `held_prefix` records what it holds (models/prefix.py).
 
 Trees over several passes (SpecExec's draft grows its tree level by level): a forward with
 `extend_tree=True` adds its tokens to the *open tree*, i.e. everything the forwards since the last
@@ -40,6 +41,9 @@ class Model(Protocol):
     max_context: int | None  # longest sequence the model accepts, None if unknown
     max_tree_leaves: int | None  # leaves a tree may have (llama.cpp: one sequence id each), None = no limit
     tree_ids_left: int | None  # leaves the open tree may still gain, None = no limit
+    # What a caller recorded the cache to hold (a prefix.HeldPrefix), for the next request to reuse.
+    # Callers set it; the backend sets it to None on every cache change (forward, keep, crop, reset).
+    held_prefix: object | None
 
     @property
     def cache_len(self) -> int:

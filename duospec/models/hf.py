@@ -40,6 +40,7 @@ class HFModel:
         self.cache = new_cache(model.config, name)
         self._cache_len = 0
         self._tree_start = 0  # cache length before the open tree (the last forward, or those it extended): `keep` indexes from here
+        self.held_prefix = None  # what a caller recorded the cache to hold (models/prefix.py); any cache change drops it
         self._cache_kwarg = cache_kwarg_name(model)
         self._decoder_cache_kwarg = cache_kwarg_name(model.get_decoder())
         # A head that is a plain projection (no soft-capping or scaling after it) can be applied to row
@@ -58,6 +59,7 @@ class HFModel:
         hardware cannot keep it; turning it off restores the attention the model was loaded with."""
         if enabled == self.deterministic:
             return
+        self.held_prefix = None  # cells computed in the other mode must not serve this one
         if not enabled:
             self.model.set_attn_implementation(self._default_attention)
             self.deterministic = False
@@ -98,6 +100,7 @@ class HFModel:
         torch.set_num_threads(threads)
 
     def reset(self) -> None:
+        self.held_prefix = None
         self.cache = new_cache(self.model.config, self.name)
         self._cache_len = 0
         self._tree_start = 0
@@ -112,6 +115,7 @@ class HFModel:
         extend_tree: bool = False,
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        self.held_prefix = None  # dropped first: a pass that fails halfway leaves no record
         n_new = tokens.shape[0]
         start = self._cache_len
         tree_start = self._tree_start if extend_tree else start
@@ -163,6 +167,7 @@ class HFModel:
 
     @torch.inference_mode()  # the cache tensors are inference tensors: in-place writes must happen in this mode
     def keep(self, nodes: list[int]) -> None:
+        self.held_prefix = None
         start = self._tree_start
         _check_keep_path(nodes, self._cache_len - start)
         nodes = list(nodes)
@@ -177,6 +182,7 @@ class HFModel:
         self.crop(start + len(nodes))
 
     def crop(self, length: int) -> None:
+        self.held_prefix = None
         if not (0 <= length <= self._cache_len):
             raise ValueError(f"cannot crop a cache of {self._cache_len} tokens to {length}")
         if length < self._cache_len:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from duospec.config import DuospecError
+from duospec.models.amx_probe import repack_allowed
 from duospec.models.base import reduce_blocks
 
 INSTALL_HINT = (
@@ -76,36 +77,6 @@ def _init_backend(llama_cpp, verbose: bool) -> None:
     _backend_ready = True
 
 
-def amx_kernels_would_run(llama_cpp) -> bool:
-    """Whether this llama.cpp build has its AMX matmul kernels and this CPU would run them.
-
-    llama.cpp's AMX path (a repacked "extra buffer type") segfaults in the first decode of the embedded
-    GGUFs with llama-cpp-python 0.3.36 (upstream issue 20824, open). A crash is the one failure a user
-    cannot recover from, so such a build runs without repacked weights here (slower, never crashing).
-    The README's install builds without the AMX kernels instead, which keeps the faster repacked layout.
-    """
-    global _amx_checked
-    if _amx_checked is None:
-        system = llama_cpp.llama_print_system_info().decode(errors="replace")
-        try:
-            cpu_flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpu_flags = ""
-        _amx_checked = "AMX_INT8 = 1" in system and "amx_int8" in cpu_flags
-        if _amx_checked:
-            import sys
-
-            print(
-                "duospec: this llama.cpp build has AMX kernels, which crash on these models (llama.cpp issue 20824); "
-                "running without repacked weights. Reinstall llama-cpp-python as the README shows for full speed.",
-                file=sys.stderr,
-            )
-    return _amx_checked
-
-
-_amx_checked: bool | None = None
-
-
 @dataclass(frozen=True)
 class LlamaCppSettings:
     """How a GGUF model is run. threads=None means every core of this process's affinity."""
@@ -148,7 +119,8 @@ class LlamaCppModel:
         _init_backend(llama_cpp, verbose)
 
         model_params = llama_cpp.llama_model_default_params()
-        model_params.use_extra_bufts = settings.repack and not amx_kernels_would_run(llama_cpp)
+        # Repacked layouts include llama.cpp's AMX kernels, which some builds miscompile: probed once (amx_probe.py).
+        model_params.use_extra_bufts = settings.repack and repack_allowed(llama_cpp, self.path)
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
         if not self._model:
             raise DuospecError(
@@ -185,6 +157,7 @@ class LlamaCppModel:
         self._seq_rows = [np.ctypeslib.as_array(self._batch.seq_id[i], shape=(settings.sequences,)) for i in range(self._batch_size)]
         self._cache_len = 0
         self._tree: _OpenTree | None = None  # the tokens since the last ordinary forward and their sequence ids
+        self.held_prefix = None  # what a caller recorded the cache to hold (models/prefix.py); any cache change drops it
 
     def set_threads(self, threads: int) -> None:
         """Change the threads of later passes (the Duo engine gives the target fewer beside a draft)."""
@@ -208,6 +181,7 @@ class LlamaCppModel:
         return self._cache_len
 
     def reset(self) -> None:
+        self.held_prefix = None
         self._lib.llama_memory_clear(self._memory, True)
         self._cache_len = 0
         self._tree = None
@@ -241,6 +215,7 @@ class LlamaCppModel:
         reduce=None,
     ) -> torch.Tensor:
         """Score `tokens` after the cache in one decode per n_batch tokens; see the module docstring."""
+        self.held_prefix = None  # dropped first: a pass that fails halfway leaves no record
         if extend_tree:
             if self._tree is None or tree_mask is None or positions is None:
                 raise ValueError("extend_tree needs an open tree (an earlier forward), explicit positions and a tree_mask")
@@ -315,6 +290,7 @@ class LlamaCppModel:
         return torch.from_numpy(view.copy())
 
     def keep(self, nodes: list[int]) -> None:
+        self.held_prefix = None
         tree = self._tree
         start = tree.start if tree is not None else self._cache_len
         _check_path(nodes, self._cache_len - start, tree.parents if tree is not None else [])
@@ -334,6 +310,7 @@ class LlamaCppModel:
         self._cache_len = start + len(nodes)
 
     def crop(self, length: int) -> None:
+        self.held_prefix = None
         self._settle_tree()
         if not (0 <= length <= self._cache_len):
             raise ValueError(f"cannot crop a cache of {self._cache_len} tokens to {length}")
