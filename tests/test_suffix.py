@@ -14,7 +14,7 @@ import duospec
 from duospec.budget import CostProfile
 from duospec.config import DuospecError, GenerationRequest
 from duospec.drafting import suffix
-from duospec.drafting.suffix import SuffixDrafter, SuffixHistory, SuffixPolicy, find_matches, longest_match, speculate
+from duospec.drafting.suffix import Speculation, SuffixDrafter, SuffixHistory, SuffixPolicy, find_matches, longest_match, speculate
 from duospec.budget import DraftBudget
 from duospec.config import SamplingConfig
 from tiny_models import tiny_model, tiny_pipeline
@@ -47,6 +47,7 @@ def test_module_docstring_example():
     assert [match.length for match in matches] == [3]
     speculation = speculate(matches, max_nodes=8, max_depth=4)
     assert speculation.tokens == [d, e] and speculation.parents == [0, 0] and speculation.scores == [0.5, 0.5]
+    assert speculation.depths == [1, 1]
 
 
 def test_speculate_worked_example():
@@ -57,6 +58,7 @@ def test_speculate_worked_example():
     speculation = speculate(matches, max_nodes=8, max_depth=2)
     assert speculation.tokens == [4, 8, 6, 9]
     assert speculation.parents == [0, 1, 0, 3]
+    assert speculation.depths == [1, 2, 1, 2]
     assert speculation.scores == pytest.approx([2 / 3, 2 / 3, 1 / 3, 1 / 3])
     assert speculate(matches, max_nodes=2, max_depth=2).tokens == [4, 8]
     assert speculate(matches, max_nodes=8, max_depth=1).tokens == [4, 6]
@@ -106,35 +108,44 @@ def test_lenience_is_refused_for_suffix_trees():
         GenerationRequest(method="suffix", lenience=0.5)
 
 
+def chain(scores: list[float]) -> Speculation:
+    """A speculation that is one copied chain: node i + 1 under node i, at depth i + 1."""
+    return Speculation(list(range(10, 10 + len(scores))), list(range(len(scores))), list(scores), list(range(1, len(scores) + 1)))
+
+
 def test_policy_sizes_the_tree_from_the_cost_curve():
-    """Sure nodes of a long match (prior confidence 0.95) on the steep curve: 1, 3 and 7 nodes promise
-    1.95/1.53, 3.85/2.37 and 7.65/5.8 tokens per t(1): 3 wins. Unsure nodes (0.4 each) never pay
-    there (1.38/1.53, 2.14/2.37: below 1.05); on the flat curve every node does."""
-    assert SuffixPolicy(STEEP).nodes_to_verify([1.0] * 7, match_length=20) == 3
-    assert SuffixPolicy(STEEP).nodes_to_verify([0.4] * 7, match_length=20) == 0
-    assert SuffixPolicy(FLAT).nodes_to_verify([0.5] * 12, match_length=20) == 12
-    # A one-token match is trusted less (prior 0.4): 1.4/1.53 and 2.2/2.37 do not pay on the steep curve.
-    assert SuffixPolicy(STEEP).nodes_to_verify([1.0] * 2, match_length=1) == 0
-    assert SuffixPolicy(None, max_nodes=5).nodes_to_verify([0.01] * 5, match_length=1) == 5  # a fixed budget verifies all
+    """A sure copy after a long match (agreement prior 0.9) on the steep curve: 1, 2, 3 and 4 nodes
+    promise 1.9/1.53, 2.71/1.95, 3.44/2.37 and 4.10/3.26 tokens per t(1): 3 wins. Nodes that half
+    the earlier occurrences disagree with (0.4 each) never pay there; on the flat curve every node does."""
+    assert SuffixPolicy(STEEP).nodes_to_verify(chain([1.0] * 7), match_length=20) == 3
+    assert SuffixPolicy(STEEP).nodes_to_verify(chain([0.4] * 7), match_length=20) == 0
+    assert SuffixPolicy(FLAT).nodes_to_verify(chain([0.5] * 12), match_length=20) == 12
+    # A one-token match is trusted less (prior 0.5): 1.5/1.53 and 1.75/1.95 do not pay on the steep curve.
+    assert SuffixPolicy(STEEP).nodes_to_verify(chain([1.0] * 2), match_length=1) == 0
+    assert SuffixPolicy(None, max_nodes=5).nodes_to_verify(chain([0.01] * 5), match_length=1) == 5  # a fixed budget verifies all
 
 
 def test_match_classes():
     assert [SuffixPolicy.match_class(m) for m in (1, 2, 3, 4, 7, 8, 15, 16, 32)] == [0, 1, 1, 2, 2, 3, 3, 4, 4]
 
 
-def test_policy_learns_per_match_class_that_scores_over_promise():
-    from duospec.drafting.suffix import Speculation, to_tree
+def test_policy_learns_per_match_class_how_long_copies_stay_right():
+    from duospec.drafting.suffix import to_tree
     from duospec.verify import Verdict
 
     policy = SuffixPolicy(STEEP)
-    tree = to_tree(0, Speculation([1, 2, 3], [0, 1, 2], [1.0, 1.0, 1.0]), 3)
-    assert policy.nodes_to_verify([1.0] * 3, match_length=4) == 3
+    assert policy.nodes_to_verify(chain([1.0] * 3), match_length=4) == 2  # prior 0.75: 2.31/1.95 beats 2.73/2.37
+    tree = to_tree(0, chain([1.0] * 3), 3)
     for _ in range(10):
-        policy.nodes_to_verify([1.0] * 3, match_length=4)
-        policy.observe_round(tree, Verdict(path=[0], next_token=7))  # promised 3, none accepted
-    assert policy.calibration(2) < 0.2
-    assert policy.nodes_to_verify([1.0] * 7, match_length=4) == 0  # the failing class stops drafting
-    assert policy.nodes_to_verify([1.0] * 7, match_length=20) == 3  # long matches keep their own record
+        policy.nodes_to_verify(chain([1.0] * 3), match_length=4)
+        policy.observe_round(tree, Verdict(path=[0], next_token=7))  # the first copied token rejected
+    assert policy.agreement(2) < 0.3
+    assert policy.nodes_to_verify(chain([1.0] * 7), match_length=4) == 0  # the failing class stops drafting
+    assert policy.nodes_to_verify(chain([1.0] * 7), match_length=20) == 3  # long matches keep their own record
+    for _ in range(20):  # copies right to their end (nothing rejected: no failure counted)
+        policy.nodes_to_verify(chain([1.0] * 3), match_length=4)
+        policy.observe_round(tree, Verdict(path=[0, 1, 2, 3], next_token=7))
+    assert policy.agreement(2) > 0.9
 
 
 # -- greedy identity through the Pipeline ------------------------------------------------------------

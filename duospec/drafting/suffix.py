@@ -167,12 +167,14 @@ def find_matches(context: Sequence[int], history: SuffixHistory | None) -> list[
 
 @dataclass(frozen=True)
 class Speculation:
-    """A draft tree in best-first order: node i + 1 has parent parents[i] (0 = the root) and score
-    scores[i]; scores never increase along the order, so every prefix of it is a tree."""
+    """A draft tree in best-first order: node i + 1 has parent parents[i] (0 = the root), depth
+    depths[i] (1 under the root) and score scores[i]; scores never increase along the order, so
+    every prefix of it is a tree."""
 
     tokens: list[int]
     parents: list[int]
     scores: list[float]
+    depths: list[int]
 
 
 def speculate(matches: list[Match], max_nodes: int, max_depth: int) -> Speculation:
@@ -181,7 +183,7 @@ def speculate(matches: list[Match], max_nodes: int, max_depth: int) -> Speculati
     Example: one match whose continuations are [4, 8], [4, 8] and [6]: the root's children are 4
     (score 2/3) and 6 (1/3); 8 under 4 scores 2/3 x 2/2. Best first: 4 (2/3), 8 (2/3), 6 (1/3).
     """
-    speculation = Speculation([], [], [])
+    speculation = Speculation([], [], [], [])
     if not matches or max_nodes <= 0 or max_depth <= 0:
         return speculation
     # A frontier entry: (-score, order, parent node, token, depth, starts per match of its occurrences).
@@ -198,6 +200,7 @@ def speculate(matches: list[Match], max_nodes: int, max_depth: int) -> Speculati
         speculation.tokens.append(token)
         speculation.parents.append(parent)
         speculation.scores.append(score)
+        speculation.depths.append(depth)
         node = len(speculation.tokens)
         if depth < max_depth:
             for entry in _children(matches, starts, score, node, depth + 1):
@@ -228,20 +231,23 @@ def _children(matches: list[Match], starts: list[np.ndarray], score: float, node
 class SuffixPolicy:
     """How many of a speculation's nodes one round verifies, from the measured target cost curve.
 
-    A tree of the first n nodes emits 1 + sum(min(1, c * scores[:n])) tokens on average (a node's
-    score estimates the chance it is accepted, c calibrates it) and costs one target pass over n + 1
-    tokens: take the n with the most tokens per second, or none unless it beats plain decoding by
-    DRAFT_MARGIN. Scores from counts over-promise when the match is short (one earlier "the" says
-    little of what follows this one), so c is learned per match-length class (1, 2-3, 4-7, 8-15, 16+
-    tokens) from this request's rounds, starting from PRIOR_CONFIDENCE: a class that keeps failing
-    stops drafting without silencing the long matches. Without a cost profile (a budget fixed by the
-    user) every node is verified.
+    Node i (best-first order) is accepted with probability about scores[i] * a ** depths[i]: its
+    score is the share of earlier occurrences that continued along its path, and a is the chance
+    that the target goes on agreeing with a copy for one more token, learned from this request's
+    rounds as the geometric rate of the accepted path lengths (Leviathan's alpha: a copy that is
+    right for 5 tokens is often wrong at the 6th, however sure its counts are). A tree of the first
+    n nodes then emits 1 + sum of those on average and costs one target pass over n + 1 tokens:
+    take the n with the most tokens per second, or none unless it beats plain decoding by
+    DRAFT_MARGIN. a is learned per match-length class (1, 2-3, 4-7, 8-15, 16+ tokens) from
+    PRIOR_AGREEMENT: a short match says little (one earlier "the" says nothing of what follows this
+    one), and a class that keeps failing stops drafting without silencing the long matches. Without
+    a cost profile (a budget fixed by the user) every node is verified.
     """
 
     fixed_gamma = None
-    PRIOR_CONFIDENCE = (0.4, 0.6, 0.8, 0.9, 0.95)  # by match-length class; updated by each round
+    PRIOR_AGREEMENT = (0.5, 0.6, 0.75, 0.85, 0.9)  # by match-length class; each round's outcome updates it
 
-    def __init__(self, profile: CostProfile | None, max_nodes: int = MAX_NODES, prior_weight: float = 2.0, discount: float = 0.9) -> None:
+    def __init__(self, profile: CostProfile | None, max_nodes: int = MAX_NODES, prior_weight: float = 4.0, discount: float = 0.95) -> None:
         self.profile = profile
         self.max_nodes = max_nodes
         self.prior_weight = prior_weight
@@ -249,21 +255,21 @@ class SuffixPolicy:
         self.reset()
 
     def reset(self) -> None:
-        classes = len(self.PRIOR_CONFIDENCE)
-        self._accepted = [0.0] * classes  # discounted draft tokens accepted, per match-length class
-        self._promised = [0.0] * classes  # discounted sum of the verified nodes' scores
+        classes = len(self.PRIOR_AGREEMENT)
+        self._agreed = [0.0] * classes  # discounted draft tokens accepted, per match-length class
+        self._trials = [0.0] * classes  # ... and tokens tested (accepted ones, plus the one rejected)
         self._drafted = self._accepted_total = 0
         self._class = 0  # the class of the last sized speculation (what observe_round learns about)
 
     @staticmethod
     def match_class(match_length: int) -> int:
         """0 for 1 token, 1 for 2-3, 2 for 4-7, 3 for 8-15, 4 for 16 or more."""
-        return min(4, max(0, match_length).bit_length() - 1)
+        return min(4, max(1, match_length).bit_length() - 1)
 
-    def calibration(self, match_class: int) -> float:
-        """Accepted tokens per unit of promised score in this class (the prior counts as 2 rounds' worth)."""
-        prior = self.PRIOR_CONFIDENCE[match_class] * self.prior_weight
-        return (self._accepted[match_class] + prior) / (self._promised[match_class] + self.prior_weight)
+    def agreement(self, match_class: int) -> float:
+        """The chance the target accepts one more copied token (prior worth `prior_weight` tokens)."""
+        prior = self.PRIOR_AGREEMENT[match_class] * self.prior_weight
+        return min(0.99, (self._agreed[match_class] + prior) / (self._trials[match_class] + self.prior_weight))
 
     @property
     def alpha(self) -> float:
@@ -273,30 +279,33 @@ class SuffixPolicy:
     def next_budget(self) -> DraftBudget:
         return DraftBudget(self.max_nodes, tree=True)
 
-    def nodes_to_verify(self, scores: list[float], match_length: int) -> int:
-        """The number of leading nodes (scores in best-first order) that maximises tokens per second."""
+    def nodes_to_verify(self, speculation: Speculation, match_length: int) -> int:
+        """The number of leading nodes (best-first order) that maximises tokens per second."""
         self._class = self.match_class(match_length)
-        if self.profile is None or not scores:
-            return len(scores)
-        calibration = self.calibration(self._class)
+        if self.profile is None or not speculation.scores:
+            return len(speculation.scores)
+        agreement = self.agreement(self._class)
         plain = 1.0 / self.profile.target_pass(1)
         best_n, best_rate, expected = 0, plain * (1.0 + DRAFT_MARGIN), 1.0
-        for n, score in enumerate(scores, start=1):
-            expected += min(1.0, calibration * score)
+        for n, (score, depth) in enumerate(zip(speculation.scores, speculation.depths), start=1):
+            expected += score * agreement**depth
             rate = expected / self.profile.target_pass(n + 1)
             if rate > best_rate:
                 best_n, best_rate = n, rate
         return best_n
 
     def observe_round(self, tree: TokenTree, verdict: Verdict) -> None:
-        if tree.n_draft == 0 or tree.log_probs is None:
+        """One more accepted path: its length in successes, plus one failure where the walk stopped
+        at a node that had children (a draft token was tested and rejected there)."""
+        if tree.n_draft == 0:
             return
-        promised = float(tree.log_probs[1:].exp().sum())
+        accepted = verdict.n_accepted
+        rejected = 1.0 if verdict.path[-1] in tree.parents else 0.0
         c = self._class
-        self._accepted[c] = self._accepted[c] * self.discount + verdict.n_accepted
-        self._promised[c] = self._promised[c] * self.discount + promised
+        self._agreed[c] = self._agreed[c] * self.discount + accepted
+        self._trials[c] = self._trials[c] * self.discount + accepted + rejected
         self._drafted += tree.n_draft
-        self._accepted_total += verdict.n_accepted
+        self._accepted_total += accepted
 
 
 class SuffixDrafter:
@@ -320,7 +329,7 @@ class SuffixDrafter:
             limit = min(limit, self.max_leaves)  # leaves <= nodes: a llama.cpp pass has ids for them
         depth = budget.max_depth if budget.max_depth is not None else budget.max_tokens
         speculation = speculate(matches, limit, depth)
-        n = self.policy.nodes_to_verify(speculation.scores, self.last_match)
+        n = self.policy.nodes_to_verify(speculation, self.last_match)
         return to_tree(context[-1], speculation, n)
 
     def feedback(self, verdict: Verdict) -> None:
