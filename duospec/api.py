@@ -1,12 +1,14 @@
 """The Python API: load a target (and, when a method needs one, a draft) once; generate many times.
 
     import duospec
-    pipe = duospec.load()                      # the embedded default pair, no hub needed
-    out = pipe.generate("Write a haiku about caches.", method="sd", max_new_tokens=64)
-    print(out.text, out.stats.tokens_per_second)
-    stream = pipe.stream("Explain KV caches.", method="pld")
+    pipe = duospec.load(progress=False)        # the embedded default pair, no hub needed
+    out = pipe.generate("Write a haiku about caches.", max_new_tokens=64)   # method="auto"
+    print(out.text)
+    print(out.stats.generation_tokens_per_second, out.stats.mean_accepted)
+    stream = pipe.stream("Explain KV caches.", method="suffix")
     for chunk in stream:
         print(chunk.text, end="", flush=True)
+    print()
     print(stream.result.stats.mean_accepted)
 """
 
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 from duospec.drafting.specexec import DEFAULT_DEPTH
-from duospec.budget import DRAFT_MARGIN, best_gamma, expected_tokens, CostProfile, GammaPolicy, draft_step_for, draft_step_key, keep_measurement, target_cost_key, target_costs_for
+from duospec.budget import DRAFT_MARGIN, best_gamma, expected_tokens, CostProfile, GammaPolicy, draft_step_for, draft_step_key, keep_measurement, read_measurement, target_cost_key, target_costs_for
 from duospec.config import DRAFT_QUANTIZATIONS, DuospecError, GenerationRequest, SamplingConfig
 from duospec.costs import CostTracker, LoadProbe, LoadReading, corrected_draft_step, corrected_target_costs, may_keep_correction, under_load
 from duospec.drafting import METHODS
@@ -31,7 +33,7 @@ from duospec.engines.sequential import generate_tokens
 from duospec.models.base import Model
 from duospec.models.hf import resolve_device, resolve_dtype
 from duospec.models.int8 import int8_kernel_available
-from duospec.models.loading import LoadedModel, LoadOptions, hf_eos_ids, load_model, resolve_backend
+from duospec.models.loading import LoadedModel, LoadOptions, check_source_exists, hf_eos_ids, load_model, resolve_backend
 from duospec.stats import GenerationStats
 
 
@@ -377,7 +379,7 @@ class Pipeline:
         """Seconds per target pass over n tokens, measured once per machine and cached on disk."""
         if self._target_costs is None or remeasure:
             self._target_costs = target_costs_for(self.target, self.cost_key(self.target), remeasure, self.load_probe, self._note)
-            if self.progress:
+            if self.progress and self.verbose:  # cost diagnostics are asked for, not shown by default
                 costs = ", ".join(f"{n}: {s:.3f}" for n, s in sorted(self._target_costs.items()))
                 print(f"duospec: target ({self.backend}) pass seconds by tokens per pass: {costs}", file=sys.stderr)
         return CostProfile(self._target_costs)
@@ -387,7 +389,7 @@ class Pipeline:
         if self._draft_step is None or remeasure:
             draft = self.draft
             self._draft_step = draft_step_for(draft, self.cost_key(draft), remeasure, self.load_probe, self._note)
-            if self.progress:
+            if self.progress and self.verbose:
                 print(f"duospec: draft ({self.draft_backend}) step {self._draft_step:.3f} s", file=sys.stderr)
         return self._draft_step
 
@@ -408,13 +410,18 @@ class Pipeline:
                 scale = corrected[min(corrected)] / old[min(old)]
                 key = target_cost_key(self.cost_key(self.target))
                 value = {str(n): s for n, s in corrected.items()}
-                self._keep_correction(key, value, may_keep_correction(scale, 1.0, loaded), f"target pass curve scaled by {scale:.2f} from real passes")
+                kept = read_measurement(key)
+                kept_one = float(kept["1"]) if isinstance(kept, dict) and isinstance(kept.get("1"), (int, float)) else None
+                may_keep = may_keep_correction(corrected[min(corrected)], kept_one, loaded)
+                self._keep_correction(key, value, may_keep, f"target pass curve scaled by {scale:.2f} from real passes")
         if self._draft_step is not None and self._draft is not None:
             step = corrected_draft_step(self._draft_step, self.cost_tracker)
             if step is not None:
                 old_step, self._draft_step = self._draft_step, step
                 key = draft_step_key(self.cost_key(self._draft))
-                self._keep_correction(key, step, may_keep_correction(step, old_step, loaded), f"draft step {old_step:.3f} s -> {step:.3f} s from real steps")
+                kept = read_measurement(key)
+                may_keep = may_keep_correction(step, kept if isinstance(kept, (int, float)) else None, loaded)
+                self._keep_correction(key, step, may_keep, f"draft step {old_step:.3f} s -> {step:.3f} s from real steps")
 
     def _keep_correction(self, key: list[str] | None, value: object, may_keep: bool, what: str) -> None:
         """Write a corrected figure (see reconcile_costs) where it may be kept, and say what happened."""
@@ -428,7 +435,7 @@ class Pipeline:
 
     def _note(self, message: str) -> None:
         """A progress line on stderr (when progress output is on)."""
-        if self.progress:
+        if self.progress and self.verbose:
             print(f"duospec: {message}", file=sys.stderr)
 
     # -- suffix history -------------------------------------------------------------------------
@@ -479,7 +486,7 @@ class Pipeline:
     def stream(
         self,
         prompt: str | list[int] | list[dict],
-        method: str = "sd",
+        method: str = "auto",
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -548,7 +555,7 @@ class Pipeline:
             large = growing_costs_for(self.target, self.cost_key(self.target), LARGE_SIZES, ceiling, "tree-target", probe=self.load_probe, notify=self._note)
             widths = growing_costs_for(self.draft, self.cost_key(self.draft), DRAFT_WIDTHS, ceiling, "tree-draft", probe=self.load_probe, notify=self._note)
             self._tree_costs = (CostProfile({**base.target_pass_seconds, **large}), CostProfile(widths))
-            if self.progress:
+            if self.progress and self.verbose:
                 curve = ", ".join(f"{n}: {s:.3f}" for n, s in sorted(self._tree_costs[0].target_pass_seconds.items()))
                 draft = ", ".join(f"{n}: {s:.3f}" for n, s in sorted(widths.items()))
                 print(f"duospec: target pass seconds by tokens (trees): {curve}; draft pass by width: {draft}", file=sys.stderr)
@@ -757,6 +764,9 @@ def load(
     target_name = target or DEFAULT_TARGET
     if draft is None and target_name == DEFAULT_TARGET:
         draft = DEFAULT_DRAFT
+    for source in (target_name, draft):  # before any model loads (the draft loads on first use)
+        if source is not None:
+            check_source_exists(source)
     target_backend = resolve_backend(backend, target_name, torch_device, deterministic=deterministic)
     llama = LlamaCppSettings() if context is None else LlamaCppSettings(context=context)
     target_options = LoadOptions(

@@ -347,6 +347,12 @@ def keep_measurement(key_parts: list[str] | None, value: object) -> bool:
     return True
 
 
+def read_measurement(key_parts: list[str] | None) -> object | None:
+    """The figure kept on disk under this key, or None (no key, nothing kept, a damaged file)."""
+    path = _cache_path(key_parts)
+    return None if path is None else _read_kept(path)
+
+
 def _cache_path(key_parts: list[str] | None) -> Path | None:
     if not key_parts:
         return None

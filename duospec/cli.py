@@ -94,11 +94,12 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tree-depth", type=int, default=None, help="specexec: the tree's depth cap, i.e. its draft passes per round (default 16)")
     group.add_argument("--lenience", type=float, default=1.0, help="(0, 1]; < 1 accepts more drafts and is LOSSY (1 = exact)")
     group.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
-    group.add_argument("--verbose", action="store_true", help="print the budget chosen (costs, thread split, method) and why")
+    group.add_argument("--verbose", action="store_true", help="print the measured costs, their corrections, and each round budget chosen (thread split, method) and why")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="duospec", description="Lossless speculative decoding on the hardware you have.")
+    parser.add_argument("--version", action="version", version=f"duospec {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="generate text for one prompt or a file of prompts")
@@ -116,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_command(commands)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("duospec")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,8 +217,18 @@ def run_generate(args: argparse.Namespace) -> int:
         pipe.close()  # a Duo draft process never outlives the command
 
 
+ANSWER_HEADER = "=== duospec: answer {index} of {count} ==="  # stdout, before each answer of several
+
+
 def _generate_each(pipe, prompts: list[str], options: dict, args: argparse.Namespace) -> int:
-    for prompt in prompts:
+    """Answer each prompt in turn. With several, stdout shows each answer under ANSWER_HEADER (so it
+    splits back into exactly its answers), the summaries on stderr name their prompt, and --json
+    rows carry the prompt and its index."""
+    count = len(prompts)
+    for index, prompt in enumerate(prompts, start=1):
+        label = f"prompt {index}/{count}" if count > 1 else ""
+        if count > 1 and not args.json:
+            sys.stdout.write(("\n" if index > 1 else "") + ANSWER_HEADER.format(index=index, count=count) + "\n")
         stream = pipe.stream(prompt, **options)
         try:
             for chunk in stream:
@@ -217,11 +237,20 @@ def _generate_each(pipe, prompts: list[str], options: dict, args: argparse.Names
                     sys.stdout.flush()
         except KeyboardInterrupt:  # GenerationInterrupted, or Ctrl-C while this loop was printing
             partial = stream.stop("interrupted")
-            _report(partial, args.json)
-            print(f"\nduospec: interrupted; kept the {partial.stats.new_tokens} tokens generated so far", file=sys.stderr)
+            _end_answer(args.json)
+            _report(partial, args.json, label, index, prompt)
+            print(f"duospec: interrupted; kept the {partial.stats.new_tokens} tokens generated so far", file=sys.stderr)
             return EXIT_INTERRUPTED
-        _report(stream.result, args.json)
+        _end_answer(args.json)
+        _report(stream.result, args.json, label, index, prompt)
     return 0
+
+
+def _end_answer(as_json: bool) -> None:
+    """Every streamed answer ends with a newline (the next output starts on a line of its own)."""
+    if not as_json:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
 
 
 def _validate_early(options: dict) -> None:
@@ -232,27 +261,38 @@ def _validate_early(options: dict) -> None:
     GenerationRequest(method=options["method"], max_new_tokens=options["max_new_tokens"], sampling=sampling, gamma=options["gamma"], lenience=options["lenience"])
 
 
-def _report(result, as_json: bool) -> None:
+def _report(result, as_json: bool, label: str = "", index: int = 1, prompt: str | None = None) -> None:
     if as_json:
-        print(json.dumps(result.to_dict(), ensure_ascii=False), flush=True)
+        print(json.dumps({"prompt_index": index, "prompt": prompt, **result.to_dict()}, ensure_ascii=False), flush=True)
         return
-    stats = result.stats
-    acceptance = "" if stats.acceptance_rate is None else f", acceptance {stats.acceptance_rate:.0%}"
-    gamma = "" if stats.gamma is None else f", gamma {stats.gamma} ({'auto' if stats.gamma_auto else 'fixed'})"
+    print(summary_line(result.stats, label), file=sys.stderr)
+
+
+def summary_line(stats, label: str = "") -> str:
+    """One line on what a generation did, rates of the prompt and of the answer apart (as llama.cpp
+    reports them), and what was drafted per round instead of one "gamma"."""
+    parts = [f"[{stats.method}{' ' + label if label else ''}] {stats.new_tokens} tokens in {stats.seconds:.2f} s"]
+    new_prompt = stats.prompt_tokens - stats.reused_prompt_tokens
+    cached = f", {stats.reused_prompt_tokens} more already cached" if stats.reused_prompt_tokens else ""
+    if stats.prefill_seconds > 0:
+        parts.append(f"prompt {new_prompt} tokens in {stats.prefill_seconds:.2f} s ({new_prompt / stats.prefill_seconds:.1f} tok/s{cached})")
+    if stats.generation_tokens_per_second is not None:
+        parts.append(f"generation {stats.generation_tokens_per_second:.2f} tok/s after the first token ({stats.ttft_seconds:.2f} s)")
+    parts.append(f"{stats.mean_accepted:.2f} tokens per target pass")
+    if stats.drafted_tokens:
+        parts.append(
+            f"drafted {stats.drafted_tokens} in {stats.drafting_rounds} of {len(stats.gammas)} rounds "
+            f"({stats.mean_draft_per_round:.1f} per round), accepted {stats.accepted_tokens} ({stats.acceptance_rate:.0%})"
+        )
+    elif stats.gammas:
+        parts.append("drafted nothing")
     if stats.auto_rounds:
-        gamma += ", rounds by method: " + ", ".join(f"{name} {count}" for name, count in sorted(stats.auto_rounds.items(), key=lambda item: -item[1]))
-    if stats.choice_note:
-        gamma += f" ({stats.choice_note})"
+        rounds = ", ".join(f"{name} {count}" for name, count in sorted(stats.auto_rounds.items(), key=lambda item: -item[1]))
+        parts.append(f"rounds by method: {rounds}" + (f" ({stats.choice_note})" if stats.choice_note else ""))
     if stats.fallback:
-        gamma += f", went on without its draft ({stats.fallback})"
-    if stats.reused_prompt_tokens:  # the prefix cache: these prompt tokens needed no pass
-        gamma += f", {stats.reused_prompt_tokens} of {stats.prompt_tokens} prompt tokens already cached"
-    print(
-        f"\n[{stats.method}] {stats.new_tokens} tokens in {stats.seconds:.2f} s ({stats.tokens_per_second:.2f} tok/s), "
-        f"{stats.mean_accepted:.2f} tokens per target pass{acceptance}{gamma}, first token after {stats.ttft_seconds or 0:.2f} s, "
-        f"stop: {stats.finish_reason}",
-        file=sys.stderr,
-    )
+        parts.append(f"went on without its draft ({stats.fallback})")
+    parts.append(f"stop: {stats.finish_reason}")
+    return ", ".join(parts)
 
 
 if __name__ == "__main__":

@@ -289,12 +289,20 @@ def corrected_target_costs(profile: CostProfile, tracker: CostTracker) -> dict[i
     return {n: seconds * scale for n, seconds in sizes.items()}
 
 
-def may_keep_correction(new: float, old: float, loaded: bool) -> bool:
-    """Whether a corrected figure may be written to disk: not if its request ran under visible load,
-    unless it is faster than the figure it replaces (load only ever slows a pass down, so a faster
-    figure cannot be its artefact; this fixes a kept 1.46 s draft step even on a server whose streams
-    look loaded because their clients read slowly)."""
-    return not loaded or new < old
+def may_keep_correction(new: float, kept: float | None, loaded: bool) -> bool:
+    """Whether a corrected figure may be written to disk, judged against the figure *on disk*.
+
+    A request without visible load measured real passes: its figure may be kept. A request under
+    visible load may only replace a kept figure with a faster one (load only ever slows a pass down,
+    so a faster figure cannot be its artefact; this fixes a kept 1.46 s draft step even on a server
+    whose streams look loaded because their clients read slowly). Judging against the figure in
+    memory instead let a busy machine poison the disk: an in-memory figure inflated 38x under load
+    (rightly not kept), then "corrected" to 0.64 of it, was faster than memory but 24x the truth.
+    With nothing on disk, a loaded request keeps nothing.
+    """
+    if not loaded:
+        return True
+    return kept is not None and new < kept
 
 
 def synchronize(device: torch.device) -> None:

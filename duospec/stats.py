@@ -63,6 +63,24 @@ class GenerationStats:
         return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
 
     @property
+    def generation_tokens_per_second(self) -> float | None:
+        """Tokens after the first per second after it (the prompt's pass excluded), as llama.cpp reports
+        its eval rate apart from its prompt rate; None for answers of one token."""
+        if self.ttft_seconds is None or self.new_tokens < 2 or self.seconds <= self.ttft_seconds:
+            return None
+        return (self.new_tokens - 1) / (self.seconds - self.ttft_seconds)
+
+    @property
+    def drafting_rounds(self) -> int:
+        """Rounds that sent draft tokens to verification."""
+        return sum(1 for drafted in self.gammas if drafted)
+
+    @property
+    def mean_draft_per_round(self) -> float:
+        """Draft tokens per round that drafted (0 when none did)."""
+        return self.drafted_tokens / self.drafting_rounds if self.drafting_rounds else 0.0
+
+    @property
     def gamma(self) -> int | None:
         """The most frequent number of draft tokens per round (what the CLI reports as "the" gamma)."""
         return Counter(self.gammas).most_common(1)[0][0] if self.gammas else None
@@ -82,6 +100,10 @@ class GenerationStats:
             "gamma_auto": self.gamma_auto,
             "seconds": round(self.seconds, 4),
             "tokens_per_second": round(self.tokens_per_second, 3),
+            "prompt_tokens_per_second": round((self.prompt_tokens - self.reused_prompt_tokens) / self.prefill_seconds, 3) if self.prefill_seconds > 0 else None,
+            "generation_tokens_per_second": None if self.generation_tokens_per_second is None else round(self.generation_tokens_per_second, 3),
+            "drafting_rounds": self.drafting_rounds,
+            "mean_draft_per_round": round(self.mean_draft_per_round, 3),
             "ttft_seconds": None if self.ttft_seconds is None else round(self.ttft_seconds, 4),
             "target_passes": self.target_passes,
             "mean_accepted": round(self.mean_accepted, 3),

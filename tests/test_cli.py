@@ -62,9 +62,40 @@ def test_streamed_text_equals_json_text(checkpoints, capsys):
     args = ["generate", "w5 w6", "--method", "sd", "--gamma", "3", "--max-new-tokens", "10", *model_flags(checkpoints)]
     code, streamed, err = run_cli(args, capsys)
     assert code == 0
-    assert "[sd] 10 tokens" in err and "gamma 3 (fixed)" in err
+    # gamma 3 each round, fewer where the request's end caps a round
+    assert "[sd] 10 tokens" in err and re.search(r"drafted \d+ in \d+ of \d+ rounds \([0-3]\.\d per round\)", err), err
+    assert re.search(r"prompt \d+ tokens in [\d.]+ s \([\d.]+ tok/s\), generation [\d.]+ tok/s after the first token", err), err
     _, out, _ = run_cli([*args, "--json"], capsys)
-    assert streamed == json.loads(out)["text"]
+    record = json.loads(out)
+    assert streamed == record["text"] + "\n"  # the streamed answer ends its line
+    assert 1 <= record["mean_draft_per_round"] <= 3 and record["generation_tokens_per_second"] > 0
+
+
+def test_prompts_file_stdout_splits_back_into_its_answers(checkpoints, capsys, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w1 w2\nw3 w4 w5\nw6\n")
+    flags = ["--method", "ar", "--max-new-tokens", "5", *model_flags(checkpoints)]
+    code, out, err = run_cli(["generate", "--prompts-file", str(prompts), *flags], capsys)
+    assert code == 0 and out.endswith("\n")
+    answers = re.split(r"(?:^|\n)=== duospec: answer \d+ of 3 ===\n", out)
+    assert answers[0] == "" and len(answers) == 4
+    _, jsonl, _ = run_cli(["generate", "--prompts-file", str(prompts), "--json", *flags], capsys)
+    records = [json.loads(line) for line in jsonl.strip().splitlines()]
+    assert [answer[:-1] for answer in answers[1:]] == [record["text"] for record in records]
+    assert [(r["prompt_index"], r["prompt"]) for r in records] == [(1, "w1 w2"), (2, "w3 w4 w5"), (3, "w6")]
+    assert [line.split("]")[0] for line in err.splitlines() if line.startswith("[")] == ["[ar prompt 1/3", "[ar prompt 2/3", "[ar prompt 3/3"]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and re.fullmatch(r"duospec \S+\n", capsys.readouterr().out)
+
+
+def test_a_missing_model_file_is_no_such_file(capsys):
+    for target in ("/tmp/nonexistent-duospec.gguf", "./no/such/checkpoint"):
+        code, _, err = run_cli(["generate", "w1", "--target", target], capsys)
+        assert code == 2 and f"no such file or directory: {target}" in err and "hub" not in err.split(";")[0], err
 
 
 def test_prompts_file_plain_and_jsonl(checkpoints, capsys, tmp_path):
@@ -172,7 +203,7 @@ def test_ctrl_c_with_json_prints_the_partial_object(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "DUOSPEC_CACHE": str(tmp_path / "cache")}
     process = subprocess.Popen(
         [sys.executable, "-m", "duospec", "generate", "w1 w2 w3", "--method", "pld", "--max-new-tokens", "100000",
-         "--no-chat", "--target", str(tmp_path), "--dtype", "float32", "--json"],
+         "--no-chat", "--target", str(tmp_path), "--dtype", "float32", "--json", "--verbose"],  # --verbose: the cost line
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_default_sigint,
     )
     try:

@@ -102,6 +102,7 @@ def keyed_pipeline(identity: str, probe: LoadProbe, with_draft: bool = True) -> 
         pipe.attach_draft(HFModel(tiny_model(seed=1)))
         pipe._draft_identity = [identity, "draft"]  # in-memory drafts have none; this test needs the disk path
     pipe.load_probe = probe
+    pipe.verbose = True  # cost diagnostics are printed only when asked for
     return pipe
 
 
@@ -280,10 +281,59 @@ def test_draft_step_correction_needs_a_disagreement():
     assert corrected_draft_step(0.05, tracker) is None
 
 
-def test_corrections_under_load_are_kept_only_when_faster():
+def test_corrections_under_load_are_kept_only_when_faster_than_the_kept_figure():
     assert may_keep_correction(0.047, 1.46, loaded=True)  # load never makes a pass faster
     assert not may_keep_correction(1.46, 0.047, loaded=True)
     assert may_keep_correction(1.46, 0.047, loaded=False)
+    assert not may_keep_correction(0.047, None, loaded=True)  # nothing on disk to be faster than
+    assert may_keep_correction(0.047, None, loaded=False)
+
+
+BUSY = LoadReading(cpu_seconds=0.5, wall_seconds=1.0, threads=2, load_average=0.0, cores=2)
+
+
+def poisoning_replay(identity: str) -> tuple[Pipeline, Path, bytes]:
+    """The issue's sequence: the disk holds the quiet curve (t(1) = 0.069 s); a busy request has scaled
+    the curve in memory by 38.26 (rightly not kept); the next busy request tracks passes at 0.64 of
+    that inflated figure, which is faster than memory but 24x the truth."""
+    quiet = {n: 0.069 * (1 + 0.5 * (n - 1)) for n in duospec.budget.DEFAULT_TARGET_SIZES}
+    path = write_kept(target_key(identity), {str(n): s for n, s in quiet.items()})
+    pipe = keyed_pipeline(identity, quiet_probe(), with_draft=False)
+    pipe._target_costs = {n: 38.26 * s for n, s in quiet.items()}  # in memory only
+    for _ in range(8):
+        pipe.cost_tracker.target_pass(1, 0.64 * 38.26 * 0.069)
+    return pipe, path, path.read_bytes()
+
+
+def test_a_busy_machine_cannot_poison_the_kept_curve(identity, capsys):
+    pipe, path, before = poisoning_replay(identity)
+    pipe.reconcile_costs(BUSY)
+    assert pipe.target_profile().target_pass(1) == pytest.approx(0.64 * 38.26 * 0.069)  # this process adapts
+    assert path.read_bytes() == before  # the disk keeps the quiet figure
+    assert "not kept on disk" in capsys.readouterr().err
+
+
+def test_control_judging_against_the_figure_in_memory_poisons_the_disk(identity, monkeypatch):
+    """The old rule (a busy correction is kept when faster than the figure in memory) fails the replay."""
+    import duospec.api
+
+    pipe, path, before = poisoning_replay(identity)
+    in_memory = pipe._target_costs[1]
+    monkeypatch.setattr(duospec.api, "may_keep_correction", lambda new, kept, loaded: not loaded or new < in_memory)
+    pipe.reconcile_costs(BUSY)
+    assert path.read_bytes() != before
+    assert read_kept(target_key(identity))["1"] > 20 * 0.069
+
+
+def test_a_busy_draft_step_correction_is_judged_against_the_disk(identity):
+    path = write_kept(draft_key(identity), 0.04)
+    before = path.read_bytes()
+    pipe = keyed_pipeline(identity, quiet_probe())
+    pipe._draft_step = 1.5  # inflated in memory by an earlier busy request, never kept
+    for _ in range(8):
+        pipe.cost_tracker.draft_steps(1, 0.9)  # faster than memory, 22x the kept figure
+    pipe.reconcile_costs(BUSY)
+    assert pipe._draft_step == pytest.approx(0.9) and path.read_bytes() == before
 
 
 def test_one_generation_replaces_a_kept_1_46_s_draft_step(identity):

@@ -94,8 +94,21 @@ def resolve_backend(choice: str, source: str, device: torch.device, deterministi
     return choice
 
 
+def check_source_exists(source: str) -> None:
+    """A source written as a file path (a .gguf name, or one starting with /, ./, ../ or ~) must exist:
+    say "no such file" instead of letting it pass for a hub id ("org/name") that fails to download."""
+    from duospec.models.registry import EMBEDDED_MODELS
+
+    if source in EMBEDDED_MODELS:
+        return
+    looks_like_a_path = source.lower().endswith(".gguf") or source.startswith(("/", "./", "../", "~"))
+    if looks_like_a_path and not Path(source).expanduser().exists():
+        raise DuospecError(f"no such file or directory: {source}; pass an existing .gguf file or checkpoint directory, an embedded model name or a hub id")
+
+
 def load_model(source: str, options: LoadOptions, *, name: str | None = None, progress: bool = True) -> LoadedModel:
     """Load `source` on `options.backend` with its tokenizer and stop tokens."""
+    check_source_exists(source)
     if options.offload:
         check_offload(options)
     if options.backend == "llama.cpp":
