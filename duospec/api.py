@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from duospec.drafting.specexec import DEFAULT_DEPTH
-from duospec.budget import DRAFT_MARGIN, best_gamma, expected_tokens, CostProfile, GammaPolicy, draft_step_for, draft_step_key, keep_measurement, read_measurement, target_cost_key, target_costs_for
+from duospec.budget import DRAFT_MARGIN, PROBE_ALPHA, best_gamma, expected_tokens, CostProfile, GammaPolicy, draft_step_for, draft_step_key, keep_measurement, read_measurement, target_cost_key, target_costs_for
 from duospec.config import DRAFT_QUANTIZATIONS, DuospecError, GenerationRequest, SamplingConfig
 from duospec.costs import CostTracker, LoadProbe, LoadReading, corrected_draft_step, corrected_target_costs, may_keep_correction, under_load
 from duospec.drafting import METHODS
@@ -536,6 +536,8 @@ class Pipeline:
                 draft_cost = self.draft_step_seconds() if draft is not None else 0.0
                 policy = GammaPolicy(self.target_profile(), draft_cost)
         stats = GenerationStats(method=method, prompt_tokens=len(prompt_ids), gamma_auto=gamma is None)
+        if isinstance(policy, GammaPolicy) and policy.profile is not None and not policy.could_pay:
+            stats.choice_note = cannot_pay_note(policy.profile, policy.draft_step_seconds)
         chunks = generate_tokens(self.target, drafter, prompt_ids, request, policy, self.eos_ids, stats, self.cost_tracker)
         stream = GenerationStream(self, chunks, _TextAssembler(self.tokenizer), len(prompt_ids), stats, prompt_ids)
         self._active_stream = stream
@@ -667,6 +669,13 @@ DUO_MIN_CPU_CORES = 4
 def duo_is_a_candidate(device: torch.device) -> bool:
     """Whether `auto` measures duo at all: a GPU target (the draft then has the CPU), or enough CPU cores."""
     return device.type == "cuda" or len(os.sched_getaffinity(0)) >= DUO_MIN_CPU_CORES
+
+
+def cannot_pay_note(profile: CostProfile, draft_step: float) -> str:
+    """Why a chain method drafts nothing here, in measured terms (its summary line)."""
+    two = profile.target_pass(2) / profile.target_pass(1)
+    step = f" and a draft step {draft_step / profile.target_pass(1):.2f}x" if draft_step > 0 else ""
+    return f"a 2-token pass costs {two:.2f}x a 1-token pass{step}: drafting cannot pay here even at {PROBE_ALPHA:.0%} acceptance; ran as ar"
 
 
 def auto_choice_note(profile: CostProfile, draft_step: float | None) -> str:

@@ -289,6 +289,8 @@ def summary_line(stats, label: str = "") -> str:
     if stats.auto_rounds:
         rounds = ", ".join(f"{name} {count}" for name, count in sorted(stats.auto_rounds.items(), key=lambda item: -item[1]))
         parts.append(f"rounds by method: {rounds}" + (f" ({stats.choice_note})" if stats.choice_note else ""))
+    elif stats.choice_note:
+        parts.append(stats.choice_note)
     if stats.fallback:
         parts.append(f"went on without its draft ({stats.fallback})")
     parts.append(f"stop: {stats.finish_reason}")

@@ -125,3 +125,22 @@ def test_duo_without_a_draft_is_a_clear_error():
     pipeline = tiny_pipeline(tiny_model(0).float())
     with pytest.raises(DuospecError, match="needs a draft"):
         pipeline.generate(PROMPT, method="duo", max_new_tokens=5)
+
+
+def test_a_method_that_cannot_pay_says_why_in_measured_terms():
+    """sd and pld on a steep curve (a 2-token pass at 2x a 1-token pass): nothing is drafted, and the
+    summary's note says why; on a flat curve there is no such note."""
+    from duospec.cli import summary_line
+
+    target = tiny_model(0).float()
+    pipeline = tiny_pipeline(target, perturbed(target, 0.05, 1).float())
+    pipeline._target_costs = {1: 0.01, 2: 0.02, 4: 0.04, 8: 0.08}
+    pipeline._draft_step = 0.005
+    for method, step_note in (("sd", "a draft step 0.50x"), ("pld", "")):
+        result = pipeline.generate(PROMPT, method=method, max_new_tokens=12)
+        assert result.stats.drafted_tokens == 0
+        note = result.stats.choice_note
+        assert note.startswith("a 2-token pass costs 2.00x a 1-token pass") and "cannot pay" in note and step_note in note
+        assert note in summary_line(result.stats)
+    pipeline._target_costs = {1: 0.01, 2: 0.01, 4: 0.0105, 8: 0.011}
+    assert pipeline.generate(PROMPT, method="sd", max_new_tokens=12).stats.choice_note == ""
