@@ -68,7 +68,16 @@ def test_streamed_text_equals_json_text(checkpoints, capsys):
     _, out, _ = run_cli([*args, "--json"], capsys)
     record = json.loads(out)
     assert streamed == record["text"] + "\n"  # the streamed answer ends its line
-    assert 1 <= record["mean_draft_per_round"] <= 3 and record["generation_tokens_per_second"] > 0
+    # gamma 3 each round, capped by the tokens the request still has room for: recompute every round's draft
+    emitted, drafts = 1, []
+    for emitted_in_round in record["tokens_per_pass"][1:]:
+        drafts.append(min(3, 10 - emitted - 1))
+        emitted += emitted_in_round
+    drafts = [d for d in drafts if d > 0]
+    assert record["drafted_tokens"] == sum(drafts) and record["drafting_rounds"] == len(drafts)
+    assert record["mean_draft_per_round"] == round(sum(drafts) / len(drafts), 3)
+    assert f"({sum(drafts) / len(drafts):.1f} per round)" in err
+    assert record["generation_tokens_per_second"] == pytest.approx((10 - 1) / (record["seconds"] - record["ttft_seconds"]), rel=1e-2)
 
 
 def test_prompts_file_stdout_splits_back_into_its_answers(checkpoints, capsys, tmp_path):
