@@ -28,7 +28,7 @@ from duospec.budget import DRAFT_MARGIN, PROBE_ALPHA, best_gamma, expected_token
 from duospec.config import DRAFT_QUANTIZATIONS, DuospecError, GenerationRequest, SamplingConfig
 from duospec.costs import CostTracker, LoadProbe, LoadReading, corrected_draft_step, corrected_target_costs, may_keep_correction, under_load
 from duospec.drafting import METHODS
-from duospec.drafting.suffix import DEFAULT_HISTORY_TOKENS, SUFFIX_SCOPES, SuffixDrafter, SuffixHistory, SuffixPolicy
+from duospec.drafting.suffix import DEFAULT_HISTORY_TOKENS, SuffixDrafter, SuffixHistory, SuffixPolicy, check_history_options
 from duospec.engines.sequential import generate_tokens
 from duospec.models.base import Model
 from duospec.models.hf import resolve_device, resolve_dtype
@@ -201,8 +201,7 @@ class Pipeline:
         suffix_scope: str = "shared",
         prefix_cache: bool = True,
     ) -> None:
-        if suffix_scope not in SUFFIX_SCOPES:
-            raise DuospecError(f"unknown suffix scope {suffix_scope!r}; choose one of: {', '.join(SUFFIX_SCOPES)}")
+        check_history_options(suffix_history_tokens, suffix_scope)
         self.target = target
         self.target_source = target_source or target.name  # what loaded it: embedded name, path or hub id
         self._hf_target = None  # a transformers copy of a llama.cpp target, for baselines
@@ -759,9 +758,7 @@ def load(
     next prompt shares with it (a second turn prefills only the new turn); False starts every request
     from empty caches. Greedy answers are the same either way (up to near-ties in bfloat16/float16).
     """
-    SuffixHistory(suffix_history_tokens)  # checks the limit before any model loads
-    if suffix_scope not in SUFFIX_SCOPES:
-        raise DuospecError(f"unknown suffix scope {suffix_scope!r}; choose one of: {', '.join(SUFFIX_SCOPES)}")
+    check_history_options(suffix_history_tokens, suffix_scope)  # before any model loads
     from duospec.models.llamacpp import LlamaCppSettings
     from duospec.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 

@@ -55,6 +55,17 @@ DEFAULT_HISTORY_TOKENS = 1_000_000  # 4 MB of int32; about 1 ms per round to sca
 SUFFIX_SCOPES = ("shared", "request")
 
 
+def check_history_options(max_tokens: int, scope: str) -> None:
+    """The history's limit and scope as a user gives them (--suffix-history-tokens, --suffix-scope)."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise DuospecError(
+            f"the suffix history's limit must be a positive number of tokens, got {max_tokens!r}; "
+            "pass e.g. --suffix-history-tokens 1000000 (or --suffix-scope request to keep no history)"
+        )
+    if scope not in SUFFIX_SCOPES:
+        raise DuospecError(f"unknown suffix scope {scope!r}; choose one of: {', '.join(SUFFIX_SCOPES)}")
+
+
 class SuffixHistory:
     """Earlier requests' tokens (prompt + answer each), bounded: the oldest are evicted first.
 
@@ -67,11 +78,7 @@ class SuffixHistory:
     """
 
     def __init__(self, max_tokens: int = DEFAULT_HISTORY_TOKENS) -> None:
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise DuospecError(
-                f"the suffix history's limit must be a positive number of tokens, got {max_tokens!r}; "
-                "pass e.g. --suffix-history-tokens 1000000 (or --suffix-scope request to keep no history)"
-            )
+        check_history_options(max_tokens, SUFFIX_SCOPES[0])
         self.max_tokens = max_tokens
         self._sequences: deque[np.ndarray] = deque()
         self._held = 0
@@ -213,11 +220,9 @@ def speculate(matches: list[Match], max_nodes: int, max_depth: int) -> Speculati
 
 def _children(matches: list[Match], starts: list[np.ndarray], score: float, node: int, depth: int) -> list[tuple]:
     """The tokens that follow `starts` (per match), each with its score and the starts after it."""
-    next_tokens = []
-    for match, positions in zip(matches, starts):
-        inside = positions[positions < len(match.tokens)]
-        next_tokens.append(match.tokens[inside])
     total = sum(len(positions) for positions in starts)  # occurrences that reached this node
+    inside = [positions[positions < len(match.tokens)] for match, positions in zip(matches, starts)]
+    next_tokens = [match.tokens[positions] for match, positions in zip(matches, inside)]
     if total == 0:
         return []
     values, counts = np.unique(np.concatenate(next_tokens), return_counts=True)
@@ -225,7 +230,7 @@ def _children(matches: list[Match], starts: list[np.ndarray], score: float, node
     for value, count in zip(values.tolist(), counts.tolist()):
         if value == SEPARATOR:
             continue  # a stored sequence ended here
-        after = [positions[positions < len(match.tokens)][tokens == value] + 1 for match, positions, tokens in zip(matches, starts, next_tokens)]
+        after = [positions[tokens == value] + 1 for positions, tokens in zip(inside, next_tokens)]
         children.append((-score * count / total, node, value, depth, after))
     return children
 
