@@ -534,6 +534,8 @@ class Pipeline:
                 # Model-free drafts cost (almost) nothing per token.
                 draft_cost = self.draft_step_seconds() if draft is not None else 0.0
                 policy = GammaPolicy(self.target_profile(), draft_cost)
+        if self.verbose and policy is not None and spec.engine != "tree":  # tree_policy describes its own
+            print(f"duospec: {method}: {policy.describe()}", file=sys.stderr)
         stats = GenerationStats(method=method, prompt_tokens=len(prompt_ids), gamma_auto=gamma is None)
         if isinstance(policy, GammaPolicy) and policy.profile is not None and not policy.could_pay:
             stats.choice_note = cannot_pay_note(policy.profile, policy.draft_step_seconds)
@@ -628,6 +630,11 @@ class Pipeline:
         stats = GenerationStats(method="auto", prompt_tokens=len(prompt_ids), gamma_auto=request.gamma is None)
         stats.auto_rounds = drafter.rounds
         stats.choice_note = auto_choice_note(profile, self.draft_step_seconds() if has_draft else None)
+        if self.verbose:
+            print(f"duospec: auto: each round drafts from the suffix tree where a repeat pays, else from the draft model where it pays, else runs as ar ({stats.choice_note})", file=sys.stderr)
+            print(f"duospec: auto, suffix rounds: {drafter.suffix.policy.describe()}", file=sys.stderr)
+            if sd_policy is not None:
+                print(f"duospec: auto, draft-model rounds: {sd_policy.describe()}", file=sys.stderr)
         chunks = generate_tokens(self.target, drafter, prompt_ids, request, drafter.policy, self.eos_ids, stats, self.cost_tracker)
         stream = GenerationStream(self, self._learn_alpha(chunks, stats), _TextAssembler(self.tokenizer), len(prompt_ids), stats, prompt_ids)
         self._active_stream = stream

@@ -221,6 +221,25 @@ class GammaPolicy:
         best = best_gamma(PROBE_ALPHA, self.profile, self.draft_step_seconds, self.max_gamma, PROBE_ALPHA)
         return self._pays(best, PROBE_ALPHA, PROBE_ALPHA)
 
+    def describe(self) -> str:
+        """The rule this policy drafts by and, from the measured costs, what it implies (for --verbose)."""
+        if self.profile is None:
+            return f"a fixed {self.fixed_gamma} draft tokens per round (--gamma), verified in one target pass"
+        t1, t_draft = self.profile.target_pass(1), self.draft_step_seconds
+        gamma = best_gamma(self.alpha_first, self.profile, t_draft, self.max_gamma, self.alpha_next)
+        draft = f"a draft step {t_draft:.3f} s ({t_draft / t1:.2f}x)" if t_draft > 0 else "drafts that cost no model step"
+        if not self._pays(gamma, self.alpha_first, self.alpha_next):
+            verdict = (
+                f"at the prior acceptance {self.alpha_first:.0%} no draft length beats plain decoding by {DRAFT_MARGIN:.0%}: "
+                + (f"drafts nothing, probing 1 token every {PROBE_EVERY} rounds to learn the text's acceptance" if self.could_pay else "drafts nothing (not even at 90% acceptance would it pay)")
+            )
+        else:
+            verdict = f"at the prior acceptance {self.alpha_first:.0%} the best draft length is {gamma}; each round re-chooses it from this request's acceptance"
+        return (
+            f"target pass {t1:.3f} s (1 token), {self.profile.target_pass(2) / t1:.2f}x (2), {self.profile.target_pass(4) / t1:.2f}x (4), "
+            f"{self.profile.target_pass(8) / t1:.2f}x (8); {draft}; {verdict}"
+        )
+
     def _verify_growth(self, drafted: int) -> float:
         """Extra verification seconds for draft token drafted + 1 (the pass grows from drafted + 1 tokens)."""
         return max(0.0, self.profile.target_pass(drafted + 2) - self.profile.target_pass(drafted + 1))

@@ -243,6 +243,8 @@ def _generate_each(pipe, prompts: list[str], options: dict, args: argparse.Names
             return EXIT_INTERRUPTED
         _end_answer(args.json)
         _report(stream.result, args.json, label, index, prompt)
+        if args.verbose:
+            print(round_trace(stream.result.stats), file=sys.stderr)
     return 0
 
 
@@ -266,6 +268,14 @@ def _report(result, as_json: bool, label: str = "", index: int = 1, prompt: str 
         print(json.dumps({"prompt_index": index, "prompt": prompt, **result.to_dict()}, ensure_ascii=False), flush=True)
         return
     print(summary_line(result.stats, label), file=sys.stderr)
+
+
+def round_trace(stats, width: int = 40) -> str:
+    """--verbose: each round as drafted/emitted tokens (emitted = accepted + the target's own), so a
+    reader sees where drafting happened and paid, e.g. "rounds (drafted/emitted): 0/1 0/1 5/6 3/2"."""
+    rounds = [f"{drafted}/{emitted}" for drafted, emitted in zip(stats.gammas, stats.tokens_per_pass[1:])]
+    shown = rounds if len(rounds) <= width else [*rounds[: width // 2], "...", *rounds[-width // 2 :]]
+    return f"duospec: rounds (drafted/emitted): {' '.join(shown) or 'none'}"
 
 
 def summary_line(stats, label: str = "") -> str:

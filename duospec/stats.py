@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 
@@ -81,11 +80,6 @@ class GenerationStats:
         return self.drafted_tokens / self.drafting_rounds if self.drafting_rounds else 0.0
 
     @property
-    def gamma(self) -> int | None:
-        """The most frequent number of draft tokens per round (what the CLI reports as "the" gamma)."""
-        return Counter(self.gammas).most_common(1)[0][0] if self.gammas else None
-
-    @property
     def other_seconds(self) -> float:
         spent = self.prefill_seconds + self.draft_seconds + self.target_seconds + self.verify_seconds
         return max(0.0, self.seconds - spent)
@@ -96,8 +90,7 @@ class GenerationStats:
             "prompt_tokens": self.prompt_tokens,
             "reused_prompt_tokens": self.reused_prompt_tokens,
             "new_tokens": self.new_tokens,
-            "gamma": self.gamma,
-            "gamma_auto": self.gamma_auto,
+            "gamma_auto": self.gamma_auto,  # drafts sized each round from measured costs (no --gamma)
             "seconds": round(self.seconds, 4),
             "tokens_per_second": round(self.tokens_per_second, 3),
             "prompt_tokens_per_second": round((self.prompt_tokens - self.reused_prompt_tokens) / self.prefill_seconds, 3) if self.prefill_seconds > 0 else None,
@@ -124,6 +117,7 @@ class GenerationStats:
                 "verify": round(self.verify_seconds, 4),
                 "other": round(self.other_seconds, 4),
             },
+            "draft_tokens_per_round": self.gammas,
             "tokens_per_pass": self.tokens_per_pass,
         }
 

@@ -49,13 +49,15 @@ def test_json_output_has_every_field_and_methods_agree(checkpoints, capsys):
         assert code == 0
         (line,) = out.strip().splitlines()
         records[method] = json.loads(line)
-    for key in ("text", "token_ids", "prompt_tokens", "new_tokens", "method", "gamma", "seconds", "tokens_per_second",
+    for key in ("text", "token_ids", "prompt_tokens", "new_tokens", "method", "draft_tokens_per_round", "seconds", "tokens_per_second",
                 "ttft_seconds", "target_passes", "mean_accepted", "acceptance_rate"):
         assert key in records["sd"], key
     assert records["sd"]["token_ids"] == records["ar"]["token_ids"] == records["pld"]["token_ids"]
     assert records["ar"]["new_tokens"] == 12 and records["ar"]["mean_accepted"] == 1.0
-    # 0 is a valid choice: the budget drafts nothing where the measured costs say drafting cannot pay.
-    assert records["sd"]["gamma"] >= 0 and records["sd"]["gamma_auto"] is True
+    # What was drafted is reported per round, never as one "gamma" (0 where most rounds drafted nothing).
+    assert "gamma" not in records["sd"] and records["sd"]["gamma_auto"] is True
+    sd = records["sd"]
+    assert sum(sd["draft_tokens_per_round"]) == sd["drafted_tokens"] and len(sd["draft_tokens_per_round"]) == len(sd["tokens_per_pass"]) - 1
 
 
 def test_streamed_text_equals_json_text(checkpoints, capsys):
@@ -272,3 +274,19 @@ def test_plain_generate_prints_no_warnings(checkpoints, capsys):
     assert code == 0
     assert not [str(w.message) for w in caught], [str(w.message) for w in caught]
     assert "warn" not in err.lower(), err
+
+
+@pytest.mark.parametrize("method", ["sd", "pld", "suffix", "auto"])
+def test_verbose_explains_each_methods_choice_and_its_rounds(checkpoints, capsys, method):
+    """--verbose says by which rule the method drafts, from which measured costs, and what each round
+    drafted and emitted (issue 22: it explained nothing for sd and pld)."""
+    code, _, err = run_cli(["generate", "w1 w2 w3", "--method", method, "--max-new-tokens", "8", "--verbose", *model_flags(checkpoints)], capsys)
+    assert code == 0
+    rule = {"sd": "duospec: sd: target pass", "pld": "duospec: pld: target pass", "suffix": "duospec: suffix: each round looks up", "auto": "duospec: auto: each round drafts"}[method]
+    assert rule in err, err
+    if method in ("sd", "pld"):  # the rule's verdict, in the measured terms it rests on
+        assert re.search(r"target pass [\d.]+ s \(1 token\), [\d.]+x \(2\)", err) and ("best draft length is" in err or "drafts nothing" in err), err
+    (trace,) = [line for line in err.splitlines() if line.startswith("duospec: rounds (drafted/emitted):")]
+    rounds = [tuple(map(int, pair.split("/"))) for pair in trace.split(":", 2)[2].split()]
+    assert sum(emitted for _, emitted in rounds) == 8 - 1  # every token after the prompt's pass came from a round
+    assert all(emitted <= drafted + 1 for drafted, emitted in rounds)

@@ -8,11 +8,10 @@ import shlex
 import sys
 from pathlib import Path
 
-# A plain `duospec bench` answers 1 question per task: 6 questions, 7 answers (the multi-turn one has
-# two turns) for each of the 5 default methods. At about 4 tokens/s for ar with the default pair on a
-# 2-core CPU, an answer of up to 128 tokens takes ~25 s per method on average (many answers stop
-# earlier at EOS; the long RAG and summarisation prompts add prefill time): 35 answers x 25 s,
-# plus loading and warm-up, is about 15 minutes.
+# A plain `duospec bench` answers 1 question per task: 6 questions, 7 answers per method (the
+# multi-turn one has two turns). At about 4 tokens/s for ar with the default pair on a 2-core CPU, an
+# answer of up to 128 tokens takes ~25 s on average (many stop earlier at EOS; the long RAG and
+# summarisation prompts add prefill time): about 3 minutes per method, plus loading and warm-up.
 DEFAULT_LIMIT = 1
 DEFAULT_MAX_NEW_TOKENS = 128
 

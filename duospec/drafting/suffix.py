@@ -301,6 +301,19 @@ class SuffixPolicy:
                 best_n, best_rate = n, rate
         return best_n
 
+    def describe(self) -> str:
+        """The rule this policy sizes trees by (for --verbose)."""
+        if self.profile is None:
+            return f"every node of each match's tree is verified, up to {self.max_nodes} (fixed by --gamma)"
+        t1 = self.profile.target_pass(1)
+        classes = ", ".join(f"{label} {prior:.0%}" for label, prior in zip(("1", "2-3", "4-7", "8-15", "16+"), self.PRIOR_AGREEMENT))
+        return (
+            f"each round looks up the longest earlier occurrence of the text's end and verifies the n best nodes of its "
+            f"continuation tree that give the most expected tokens per second on the measured curve (target pass {t1:.3f} s, "
+            f"{self.profile.target_pass(2) / t1:.2f}x for 2 tokens, {self.profile.target_pass(4) / t1:.2f}x for 4), none unless "
+            f"that beats plain decoding by {DRAFT_MARGIN:.0%}; prior chance a copied token is right, by match length: {classes}"
+        )
+
     def observe_round(self, tree: TokenTree, verdict: Verdict) -> None:
         """One more accepted path: its length in successes, plus one failure where the walk stopped
         at a node that had children (a draft token was tested and rejected there)."""
