@@ -27,7 +27,7 @@ from duospec.drafting.specexec import DEFAULT_DEPTH
 from duospec.budget import DRAFT_MARGIN, PROBE_ALPHA, best_gamma, expected_tokens, CostProfile, GammaPolicy, draft_step_for, draft_step_key, keep_measurement, read_measurement, target_cost_key, target_costs_for
 from duospec.config import DRAFT_QUANTIZATIONS, DuospecError, GenerationRequest, SamplingConfig
 from duospec.costs import CostTracker, LoadProbe, LoadReading, corrected_draft_step, corrected_target_costs, may_keep_correction, under_load
-from duospec.drafting import METHODS
+from duospec.drafting import method_spec
 from duospec.drafting.suffix import DEFAULT_HISTORY_TOKENS, SuffixDrafter, SuffixHistory, SuffixPolicy, check_history_options
 from duospec.engines.sequential import generate_tokens
 from duospec.models.base import Model
@@ -502,6 +502,7 @@ class Pipeline:
         tree_budget / tree_depth (specexec): draft nodes per tree and the tree's depth cap; by default
         the budget is chosen each round from measured costs and acceptance (tree_budget.py).
         """
+        spec = method_spec(method)
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         request = GenerationRequest(
             method=method, max_new_tokens=max_new_tokens, sampling=sampling, gamma=gamma, lenience=lenience, tree_budget=tree_budget, tree_depth=tree_depth
@@ -514,7 +515,6 @@ class Pipeline:
             )
         if not self.prefix_cache:
             self.forget_prefixes()
-        spec = METHODS[method]
         if spec.engine == "duo":
             return self._stream_duo(prompt_ids, request)
         if spec.engine == "auto":

@@ -75,12 +75,8 @@ class GenerationRequest:
     tree_depth: int | None = None  # specexec: the tree's depth cap (= its draft passes); None = 16
 
     def __post_init__(self) -> None:
-        from duospec.drafting import METHOD_NAMES  # late import: drafting imports config
-
-        if self.method not in METHOD_NAMES:
-            raise DuospecError(
-                f"unknown method {self.method!r}; choose one of: {', '.join(sorted(METHOD_NAMES))}"
-            )
+        # The method's name is checked against the registry by drafting.method_spec, where the
+        # registry lives (config sits below drafting, so it cannot import it).
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens <= 0:
             raise DuospecError(
                 f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}; pass e.g. --max-new-tokens 128"

@@ -49,7 +49,6 @@ import torch
 
 from duospec.budget import CostProfile, DuoPlanner
 from duospec.config import GenerationRequest, SamplingConfig
-from duospec.drafting import METHOD_NAMES
 from duospec.engines.draft_process import DraftObject, DraftProcess, DraftProcessLost, SpeculativeChain
 from duospec.engines.duo import generate_duo
 from duospec.engines.sequential import generate_tokens
@@ -59,7 +58,7 @@ from duospec.stats import GenerationStats
 from tiny_models import perturbed, tiny_model
 from law_checks import goodness_of_fit
 
-METHOD = "duo" if "duo" in METHOD_NAMES else "sd"  # the engine does not read request.method
+METHOD = "duo"  # the engine does not read request.method
 
 # The draft each prompt gets from the shared greedy process: its first token.
 SAME, PERTURBED, UNRELATED, SHARP = 2, 3, 4, 5

@@ -483,7 +483,7 @@ def test_llama_ar_keeps_its_own_prefix_only_when_warm(pipelines):
     from dataclasses import replace
 
     from duospec.bench.llama_baselines import _generate_llama
-    from duospec.bench.methods import DecodeSettings
+    from duospec.bench.settings import DecodeSettings
 
     build, _ = pipelines
     pipe = build("llama.cpp")

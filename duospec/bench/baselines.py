@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from duospec.bench.methods import BenchMethod, DecodeSettings
+from duospec.bench.settings import BenchMethod, DecodeSettings
 from duospec.stats import GenerationStats
 
 if TYPE_CHECKING:

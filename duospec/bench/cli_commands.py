@@ -21,7 +21,7 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
     from duospec.bench.data import TASKS
     from duospec.bench.methods import bench_methods
     from duospec.bench.profile import DEFAULT_SIZES
-    from duospec.cli import add_model_arguments
+    from duospec.cli_options import add_model_arguments
 
     bench = commands.add_parser(
         "bench",
@@ -95,7 +95,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from duospec.bench.methods import resolve_methods
     from duospec.bench.report import collect_meta, speedup_table, write_report
     from duospec.bench.runner import BenchSettings, check_out_dir, pipeline_flags, run_bench
-    from duospec.cli import EXIT_INTERRUPTED, decoding_options, load_pipeline
+    from duospec.cli_options import EXIT_INTERRUPTED, decoding_options, load_pipeline
     from duospec.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 
     settings = BenchSettings(
@@ -163,9 +163,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
 def _run_sweep_command(args: argparse.Namespace, questions: list, tasks: list[str], settings, out: Path) -> int:
     """`--sweep-budget`: specexec at each budget against ar (bench/sweep.py)."""
     from duospec.bench.data import select_questions
-    from duospec.bench.methods import DecodeSettings
+    from duospec.bench.settings import DecodeSettings
     from duospec.bench.sweep import DEFAULT_SWEEP, render_sweep, run_sweep
-    from duospec.cli import load_pipeline
+    from duospec.cli_options import load_pipeline
     from duospec.config import MAX_TREE_BUDGET, DuospecError
 
     budgets = args.sweep_budget or DEFAULT_SWEEP
@@ -261,7 +261,7 @@ def run_profile_command(args: argparse.Namespace) -> int:
     from duospec.bench.report import collect_meta
     from duospec.bench.runner import draft_name
     from duospec.budget import profiles_dir
-    from duospec.cli import load_pipeline
+    from duospec.cli_options import load_pipeline
     from duospec.config import DuospecError
 
     if args.context < 1 or args.repeats < 1:

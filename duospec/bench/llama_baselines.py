@@ -19,7 +19,7 @@ from __future__ import annotations
 from functools import partial
 from typing import TYPE_CHECKING
 
-from duospec.bench.methods import BenchMethod, DecodeSettings
+from duospec.bench.settings import BenchMethod, DecodeSettings
 from duospec.config import DuospecError
 from duospec.stats import GenerationStats
 

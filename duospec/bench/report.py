@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from duospec.bench.data import TASK_TITLES, TASKS
-from duospec.bench.methods import BASELINE_METHOD
+from duospec.bench.settings import BASELINE_METHOD
 
 SUMMARY_NAME = "summary.json"
 REPORT_NAME = "report.md"

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from duospec.bench.data import Question, available_tasks, file_sha256, load_questions, packaged_questions_path, select_questions
-from duospec.bench.methods import BASELINE_METHOD, DecodeSettings, bench_methods, is_deterministic_answer, resolve_methods, with_default_mode
+from duospec.bench.methods import bench_methods, is_deterministic_answer, resolve_methods, with_default_mode
+from duospec.bench.settings import BASELINE_METHOD, DecodeSettings
 from duospec.bench.report import rate_ratio
 from duospec.bench.ties import divergence, near_tie_tolerance
 from duospec.config import DuospecError, GenerationRequest, SamplingConfig

@@ -20,7 +20,7 @@ from duospec.bench.ties import divergence, near_tie_tolerance
 if TYPE_CHECKING:
     from duospec.api import Pipeline
     from duospec.bench.data import Question
-    from duospec.bench.methods import DecodeSettings
+    from duospec.bench.settings import DecodeSettings
 
 DEFAULT_SWEEP = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 BEND_GAIN = 0.1  # accepted tokens per pass a doubling must add to still be on the steep part

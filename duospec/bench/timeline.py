@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from duospec.bench.methods import DecodeSettings
+from duospec.bench.settings import DecodeSettings
 
 
 def record_duo_timeline(pipe, prompt_ids: list[int], settings: DecodeSettings) -> dict:

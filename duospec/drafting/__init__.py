@@ -13,7 +13,7 @@ from typing import Callable, Protocol
 import torch
 
 from duospec.budget import DraftBudget
-from duospec.config import SamplingConfig
+from duospec.config import DuospecError, SamplingConfig
 from duospec.tree import TokenTree
 from duospec.verify import Verdict
 
@@ -95,4 +95,11 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("auto", "the fastest of ar, suffix, sd and duo here, from measured costs and online acceptance", False, _no_drafter, engine="auto"),
     )
 }
-METHOD_NAMES = frozenset(METHODS)
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The registered method called `name`, or an error that lists the choices."""
+    spec = METHODS.get(name) if isinstance(name, str) else None
+    if spec is None:
+        raise DuospecError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
+    return spec

@@ -18,7 +18,7 @@ GRACEFUL_SHUTDOWN_SECONDS = 30  # then uvicorn cancels what still runs (a cancel
 
 
 def add_serve_command(commands: argparse._SubParsersAction) -> None:
-    from duospec.cli import add_model_arguments
+    from duospec.cli_options import add_model_arguments
 
     serve = commands.add_parser(
         "serve",
@@ -48,7 +48,7 @@ def run_serve(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError as missing:
         raise DuospecError(f"duospec serve needs FastAPI, uvicorn and prometheus-client ({missing.name} is missing): pip install 'duospec[serve]'") from None
-    from duospec.cli import load_pipeline
+    from duospec.cli_options import load_pipeline
     from duospec.server.app import ServerSettings, create_app
 
     _check_flags(args)
