@@ -23,11 +23,14 @@ from pathlib import Path
 
 import torch
 
-from duospec.drafting.specexec import DEFAULT_DEPTH
-from duospec.budget import DRAFT_MARGIN, PROBE_ALPHA, best_gamma, expected_tokens, CostProfile, GammaPolicy, draft_step_for, draft_step_key, keep_measurement, read_measurement, target_cost_key, target_costs_for
+from duospec.budget.corrections import CostTracker, corrected_draft_step, corrected_target_costs, may_keep_correction
+from duospec.budget.kept import draft_step_for, draft_step_key, keep_measurement, read_measurement, target_cost_key, target_costs_for
+from duospec.budget.load import LoadProbe, LoadReading, under_load
+from duospec.budget.model import DRAFT_MARGIN, CostProfile, best_gamma, expected_tokens
+from duospec.budget.policy import PROBE_ALPHA, GammaPolicy
 from duospec.config import DRAFT_QUANTIZATIONS, DuospecError, GenerationRequest, SamplingConfig
-from duospec.costs import CostTracker, LoadProbe, LoadReading, corrected_draft_step, corrected_target_costs, may_keep_correction, under_load
 from duospec.drafting import method_spec
+from duospec.drafting.specexec import DEFAULT_DEPTH
 from duospec.drafting.suffix import DEFAULT_HISTORY_TOKENS, SuffixDrafter, SuffixHistory, SuffixPolicy, check_history_options
 from duospec.engines.sequential import generate_tokens
 from duospec.models.base import Model
@@ -500,7 +503,7 @@ class Pipeline:
         """Start a generation whose accepted tokens arrive round by round.
 
         tree_budget / tree_depth (specexec): draft nodes per tree and the tree's depth cap; by default
-        the budget is chosen each round from measured costs and acceptance (tree_budget.py).
+        the budget is chosen each round from measured costs and acceptance (budget/tree.py).
         """
         spec = method_spec(method)
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
@@ -551,7 +554,8 @@ class Pipeline:
         the deepest tree could repay: (DEFAULT_DEPTH + 2) one-token target passes.
         """
         if self._tree_costs is None:
-            from duospec.tree_budget import DRAFT_WIDTHS, LARGE_SIZES, growing_costs_for
+            from duospec.budget.kept import growing_costs_for
+            from duospec.budget.tree import DRAFT_WIDTHS, LARGE_SIZES
 
             base = self.target_profile()
             ceiling = (DEFAULT_DEPTH + 2) * base.target_pass(1)
@@ -566,7 +570,7 @@ class Pipeline:
 
     def tree_policy(self, request: GenerationRequest):
         """SpecExec's node budget: fixed by the request, else autotuned from measured costs."""
-        from duospec.tree_budget import TreeBudgetPolicy
+        from duospec.budget.tree import TreeBudgetPolicy
 
         if request.tree_budget is not None:
             policy = TreeBudgetPolicy(None, None, depth=request.tree_depth, fixed_budget=request.tree_budget)

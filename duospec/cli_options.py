@@ -90,7 +90,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-k", type=int, default=0)
     group.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
     group.add_argument("--gamma", type=int, default=None, help="draft tokens per round (default: chosen from measured costs)")
-    group.add_argument("--budget", type=int, default=None, help="specexec: draft nodes per tree, 1..4096 (default: chosen each round from measured costs and acceptance)")
+    group.add_argument("--tree-budget", "--budget", dest="budget", type=int, default=None, help="specexec: draft nodes per tree, 1..4096 (default: chosen each round from measured costs and acceptance)")
     group.add_argument("--tree-depth", type=int, default=None, help="specexec: the tree's depth cap, i.e. its draft passes per round (default 16)")
     group.add_argument("--lenience", type=float, default=1.0, help="(0, 1]; < 1 accepts more drafts and is LOSSY (1 = exact)")
     group.add_argument("--no-chat", action="store_true", help="do not apply the chat template")

@@ -69,7 +69,7 @@ class GenerationRequest:
     method: str = "sd"
     max_new_tokens: int = 128
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    gamma: int | None = None  # None = chosen from measured costs (budget.py)
+    gamma: int | None = None  # None = chosen from measured costs (budget/policy.py)
     lenience: float = 1.0  # 1 = exact; < 1 accepts more drafts and is lossy (opt-in)
     tree_budget: int | None = None  # specexec: draft nodes per tree; None = autotuned from measured costs
     tree_depth: int | None = None  # specexec: the tree's depth cap (= its draft passes); None = 16

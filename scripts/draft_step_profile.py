@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from duospec.budget import DraftBudget
+from duospec.budget.policy import DraftBudget
 from duospec.config import SamplingConfig
 from duospec.drafting.chain import ChainDrafter
 from duospec.models.llamacpp import LlamaCppModel, LlamaCppSettings

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,13 +24,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from offload_check import SHAPES, build, log  # noqa: E402  (the same random-weight models)
 
+from duospec.budget.tree import TreeBudgetPolicy  # noqa: E402
 from duospec.config import GenerationRequest, SamplingConfig  # noqa: E402
 from duospec.drafting.specexec import SpecExecDrafter  # noqa: E402
 from duospec.engines.sequential import generate_tokens  # noqa: E402
 from duospec.models.hf import HFModel  # noqa: E402
 from duospec.models.offload import offload_layers  # noqa: E402
 from duospec.stats import GenerationStats  # noqa: E402
-from duospec.tree_budget import TreeBudgetPolicy  # noqa: E402
 
 SHAPES["0.5b"] = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=152064, tie_word_embeddings=True)
 BUDGETS = [1, 4, 16, 64, 256, 1024, 2048, 4096]

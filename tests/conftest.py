@@ -12,13 +12,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 def _measured_costs_stay_in_a_temporary_directory(tmp_path_factory: pytest.TempPathFactory):
     """The budget caches measured costs on disk; tests must neither read a user's figures nor leave
     theirs (keyed by temporary model paths) in the user's cache."""
-    import duospec.budget
+    import duospec.budget.kept
 
     directory = tmp_path_factory.mktemp("profiles")
-    original = duospec.budget.profiles_dir
-    duospec.budget.profiles_dir = lambda: directory
+    original = duospec.budget.kept.profiles_dir
+    duospec.budget.kept.profiles_dir = lambda: directory
     yield
-    duospec.budget.profiles_dir = original
+    duospec.budget.kept.profiles_dir = original
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -9,12 +9,12 @@ import json
 import random
 
 import pytest
+from tiny_models import _CHARACTERS, SPECIALS, tiny_model, tiny_pipeline, tiny_tokenizer
 from transformers import Qwen2Tokenizer
 
 from duospec.api import GenerationInterrupted, _TextAssembler, check_same_vocabulary
 from duospec.cli import main
 from duospec.config import DuospecError
-from tiny_models import SPECIALS, _CHARACTERS, tiny_model, tiny_pipeline, tiny_tokenizer
 
 CONTEXT = 32
 
@@ -174,7 +174,7 @@ def test_ctrl_c_during_the_cost_measurement_keeps_no_figure_and_the_pipeline_sti
 def test_ctrl_c_while_the_model_loads_or_costs_are_measured_exits_130_without_a_traceback(tmp_path, capsys, monkeypatch):
     import transformers
 
-    import duospec.budget
+    import duospec.budget.kept
 
     target = tiny_model(seed=0)
     target.save_pretrained(tmp_path / "target")
@@ -193,13 +193,13 @@ def test_ctrl_c_while_the_model_loads_or_costs_are_measured_exits_130_without_a_
     def interrupted_measurement(*args, **kwargs):
         raise KeyboardInterrupt
 
-    kept_before = sorted(duospec.budget.profiles_dir().glob("*.json"))
+    kept_before = sorted(duospec.budget.kept.profiles_dir().glob("*.json"))
     with monkeypatch.context() as patch:
-        patch.setattr(duospec.budget, "measure_target_costs", interrupted_measurement)
+        patch.setattr(duospec.budget.kept, "measure_target_costs", interrupted_measurement)
         assert main(flags) == 130
     err = capsys.readouterr().err
     assert "duospec: interrupted" in err and "Traceback" not in err
-    new_figures = set(duospec.budget.profiles_dir().glob("*.json")) - set(kept_before)
+    new_figures = set(duospec.budget.kept.profiles_dir().glob("*.json")) - set(kept_before)
     kept_keys = [json.loads(path.read_text())["key"] for path in new_figures]
     assert not [key for key in kept_keys if "target" in key], kept_keys  # the draft's finished step may be kept, no target curve
     assert main(flags) == 0  # nothing half-done was kept: the next run measures and answers

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_model
 
-from duospec.budget import CostProfile, DraftBudget, GammaPolicy, best_gamma, expected_tokens
+from duospec.budget.model import CostProfile, best_gamma, expected_tokens
+from duospec.budget.policy import DraftBudget, GammaPolicy
 from duospec.config import SamplingConfig
 from duospec.drafting.chain import ChainDrafter
 from duospec.models.hf import HFModel
-from tiny_models import tiny_model
 
 # The shape measured on the 2-core CPU (DESIGN.md section 3): flat to 4 tokens, then growing.
 CPU_PROFILE = CostProfile({1: 0.26, 2: 0.26, 4: 0.273, 6: 0.32, 8: 0.351, 12: 0.43, 16: 0.54})
@@ -135,7 +136,7 @@ def test_no_draft_where_drafting_cannot_pay_even_at_full_acceptance():
 def test_drafting_resumes_by_probing_once_it_could_pay():
     """A cheap draft could pay at high acceptance; after many rejections the policy stops drafting but
     probes one token every PROBE_EVERY rounds, and drafts again once the probes are accepted."""
-    from duospec.budget import PROBE_EVERY
+    from duospec.budget.policy import PROBE_EVERY
 
     policy = GammaPolicy(STEEP_PROFILE, 0.004)
     for _ in range(30):
@@ -145,3 +146,26 @@ def test_drafting_resumes_by_probing_once_it_could_pay():
     for _ in range(30):
         policy.observe(1, 1)
     assert policy.next_budget().max_tokens >= 1
+
+
+def test_every_budget_implements_the_policy_protocol():
+    """The round loop calls one protocol (budget/policy.py); each budget must implement all of it."""
+    from duospec.budget.model import CostProfile
+    from duospec.budget.policy import BudgetPolicy, GammaPolicy
+    from duospec.budget.tree import TreeBudgetPolicy
+    from duospec.drafting.auto import AutoDrafter
+    from duospec.drafting.suffix import SuffixDrafter, SuffixPolicy
+
+    profile = CostProfile({1: 0.01, 2: 0.015, 4: 0.02, 8: 0.03})
+    suffix = SuffixDrafter(None, SuffixPolicy(profile))
+    policies = [
+        GammaPolicy(profile, 0.002),
+        GammaPolicy(None, fixed_gamma=3),
+        TreeBudgetPolicy(None, None, fixed_budget=8),
+        suffix.policy,
+        AutoDrafter(suffix, None, None).policy,
+    ]
+    for policy in policies:
+        assert isinstance(policy, BudgetPolicy), type(policy).__name__
+        policy.reset()
+        assert policy.next_budget().max_tokens >= 0 and isinstance(policy.describe(), str) and policy.describe()

@@ -19,22 +19,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import duospec.budget
-from duospec.api import Pipeline
-from duospec.budget import CostProfile, GammaPolicy
-from duospec.costs import (
-    CostTracker,
-    LoadProbe,
-    LoadReading,
-    agrees,
-    corrected_draft_step,
-    corrected_target_costs,
-    may_keep_correction,
-    under_load,
-)
-from duospec.models.hf import HFModel
 from tiny_models import tiny_model, tiny_tokenizer
+
+import duospec.budget.kept
+from duospec.api import Pipeline
+from duospec.budget.corrections import CostTracker, agrees, corrected_draft_step, corrected_target_costs, may_keep_correction
+from duospec.budget.load import LoadProbe, LoadReading, under_load
+from duospec.budget.model import CostProfile
+from duospec.budget.policy import GammaPolicy
+from duospec.models.hf import HFModel
 
 
 class ScriptedClock:
@@ -67,7 +60,7 @@ def busy_probe(clock: ScriptedClock | None = None) -> LoadProbe:
 
 def kept_path(key: list[str]) -> Path:
     """Where cached_measurement keeps a figure: profiles_dir()/<sha256 of the key parts, 16 hex>.json."""
-    return duospec.budget.profiles_dir() / f"{hashlib.sha256('|'.join(key).encode()).hexdigest()[:16]}.json"
+    return duospec.budget.kept.profiles_dir() / f"{hashlib.sha256('|'.join(key).encode()).hexdigest()[:16]}.json"
 
 
 def write_kept(key: list[str], value: object) -> Path:
@@ -111,7 +104,7 @@ def draft_key(identity: str) -> list[str]:
 
 
 def target_key(identity: str) -> list[str]:
-    return [identity, "target", "target", *map(str, duospec.budget.DEFAULT_TARGET_SIZES)]
+    return [identity, "target", "target", *map(str, duospec.budget.kept.DEFAULT_TARGET_SIZES)]
 
 
 def _no_full_measurement(*args, **kwargs):
@@ -169,8 +162,8 @@ def test_kept_draft_step_of_1_46_s_from_a_busy_first_run_is_replaced(identity, c
 
 def test_kept_target_curve_that_is_far_too_slow_is_replaced(identity, monkeypatch):
     """The spot check (real one-token passes of the tiny target, milliseconds) against a kept t(1) of 3.1 s."""
-    monkeypatch.setattr(duospec.budget, "measure_target_costs", _fast_target_curve)
-    sizes = duospec.budget.DEFAULT_TARGET_SIZES
+    monkeypatch.setattr(duospec.budget.kept, "measure_target_costs", _fast_target_curve)
+    sizes = duospec.budget.kept.DEFAULT_TARGET_SIZES
     write_kept(target_key(identity), {str(n): 3.0 + 0.1 * n for n in sizes})
     pipe = keyed_pipeline(identity, quiet_probe(), with_draft=False)
     profile = pipe.target_profile()
@@ -185,7 +178,7 @@ def test_kept_figure_that_agrees_is_left_alone(identity, monkeypatch):
     before = path.read_bytes()
     clock = ScriptedClock(tick=0.010)
     pipe = keyed_pipeline(identity, LoadProbe(cpu_clock=clock.cpu, wall_clock=clock.wall, load_average=lambda: 0.0, cores=2))
-    monkeypatch.setattr(duospec.budget, "measure_draft_step", _no_full_measurement)
+    monkeypatch.setattr(duospec.budget.kept, "measure_draft_step", _no_full_measurement)
     assert pipe.draft_step_seconds() == 0.012
     assert path.read_bytes() == before
 
@@ -196,14 +189,14 @@ def test_slower_spot_check_under_load_keeps_the_kept_figure(identity, monkeypatc
     path = write_kept(draft_key(identity), 0.001)
     before = path.read_bytes()
     pipe = keyed_pipeline(identity, busy_probe(ScriptedClock(tick=0.010)))
-    monkeypatch.setattr(duospec.budget, "measure_draft_step", _no_full_measurement)
+    monkeypatch.setattr(duospec.budget.kept, "measure_draft_step", _no_full_measurement)
     assert pipe.draft_step_seconds() == 0.001
     assert path.read_bytes() == before
 
 
 # -- measurements under load ---------------------------------------------------------------------------
 def test_figure_measured_under_load_serves_the_run_but_is_not_kept(identity, capsys, monkeypatch):
-    monkeypatch.setattr(duospec.budget, "measure_target_costs", _fast_target_curve)
+    monkeypatch.setattr(duospec.budget.kept, "measure_target_costs", _fast_target_curve)
     pipe = keyed_pipeline(identity, busy_probe())
     step = pipe.draft_step_seconds()
     profile = pipe.target_profile()
@@ -296,7 +289,7 @@ def poisoning_replay(identity: str) -> tuple[Pipeline, Path, bytes]:
     """The issue's sequence: the disk holds the quiet curve (t(1) = 0.069 s); a busy request has scaled
     the curve in memory by 38.26 (rightly not kept); the next busy request tracks passes at 0.64 of
     that inflated figure, which is faster than memory but 24x the truth."""
-    quiet = {n: 0.069 * (1 + 0.5 * (n - 1)) for n in duospec.budget.DEFAULT_TARGET_SIZES}
+    quiet = {n: 0.069 * (1 + 0.5 * (n - 1)) for n in duospec.budget.kept.DEFAULT_TARGET_SIZES}
     path = write_kept(target_key(identity), {str(n): s for n, s in quiet.items()})
     pipe = keyed_pipeline(identity, quiet_probe(), with_draft=False)
     pipe._target_costs = {n: 38.26 * s for n, s in quiet.items()}  # in memory only
@@ -365,7 +358,7 @@ def test_slower_correction_under_load_stays_in_memory(identity, capsys):
 
 def test_agreeing_tracked_times_leave_the_kept_figures_alone(identity):
     draft_path = write_kept(draft_key(identity), 0.05)
-    costs = {n: 0.1 + 0.01 * n for n in duospec.budget.DEFAULT_TARGET_SIZES}
+    costs = {n: 0.1 + 0.01 * n for n in duospec.budget.kept.DEFAULT_TARGET_SIZES}
     target_path = write_kept(target_key(identity), {str(n): s for n, s in costs.items()})
     before = draft_path.read_bytes(), target_path.read_bytes()
     pipe = keyed_pipeline(identity, quiet_probe())
@@ -381,7 +374,7 @@ def test_agreeing_tracked_times_leave_the_kept_figures_alone(identity):
 def test_target_correction_is_kept_and_never_changes_a_running_request(identity):
     """A request's policy holds the profile it started with; a correction replaces the pipeline's figures
     (for the next request) without touching it, so a seeded request stays deterministic."""
-    costs = {n: 0.1 + 0.01 * n for n in duospec.budget.DEFAULT_TARGET_SIZES}
+    costs = {n: 0.1 + 0.01 * n for n in duospec.budget.kept.DEFAULT_TARGET_SIZES}
     write_kept(target_key(identity), {str(n): s for n, s in costs.items()})
     pipe = keyed_pipeline(identity, quiet_probe(), with_draft=False)
     pipe._target_costs = dict(costs)

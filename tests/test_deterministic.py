@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from bench_fixtures import one_thread
+from tiny_models import perturbed, tiny_config, tiny_model, tiny_tokenizer
 from transformers import Qwen2ForCausalLM
 
 from duospec.api import Pipeline
@@ -27,8 +29,6 @@ from duospec.config import DuospecError
 from duospec.models import deterministic
 from duospec.models.hf import HFModel
 from duospec.models.loading import resolve_backend
-from bench_fixtures import one_thread
-from tiny_models import perturbed, tiny_config, tiny_model, tiny_tokenizer
 
 PROMPT = "def add(a, b): return a + b\nadd"
 # What both refusals of models/deterministic.py say (RowCheck: "... depends on the row count. Run without
@@ -306,7 +306,9 @@ def test_row_check_refuses_a_kernel_that_depends_on_the_row_count(monkeypatch):
 
 @needs_the_mode
 def test_bench_runs_each_method_in_both_modes_and_allows_no_near_ties_in_the_mode(tmp_path):
-    from bench_fixtures import tiny_models, tiny_tokenizer as bench_tokenizer, write_small_questions
+    from bench_fixtures import tiny_models, write_small_questions
+    from bench_fixtures import tiny_tokenizer as bench_tokenizer
+
     from duospec.bench.report import collect_meta, write_report
     from duospec.bench.runner import BenchSettings, pipeline_flags, run_bench
 
@@ -364,8 +366,9 @@ def test_bench_refuses_a_gamma_out_of_range_before_loading():
 @needs_the_mode
 def test_greedy_duo_with_its_draft_process_equals_one_token_decoding_bit_for_bit():
     """duo: the draft drafts in its own process, the deterministic target verifies chains and trees."""
-    from duospec.budget import DuoPlanner
     from test_duo import FLAT, deadline, run_duo, start_process
+
+    from duospec.budget.duo import DuoPlanner
 
     target_module = bf16(tiny_model(seed=3))
     process = None

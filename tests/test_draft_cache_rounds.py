@@ -58,9 +58,16 @@ import re
 
 import pytest
 import torch
+from inprocess_draft import InProcessDraft
+from test_duo import KeepsOneTooMany as CropsOneTooLate  # the rejected chain token's cache entry stays
+from test_duo import TrustsTheFirstToken as KeepsItsChainPastARejection  # keeps the chain when only token 1 agrees
+from tiny_models import perturbed, tiny_config, tiny_model
 from transformers import Qwen2ForCausalLM
 
-from duospec.budget import CostProfile, DuoPlanner, GammaPolicy
+from duospec.budget.duo import DuoPlanner
+from duospec.budget.model import CostProfile
+from duospec.budget.policy import GammaPolicy
+from duospec.budget.tree import TreeBudgetPolicy
 from duospec.config import GenerationRequest, SamplingConfig
 from duospec.drafting.chain import ChainDrafter
 from duospec.drafting.multiseq import MultiSequenceDrafter
@@ -73,17 +80,13 @@ from duospec.models.hf import HFModel
 from duospec.models.llamacpp import llama_cpp_available
 from duospec.sampling import warp_probs
 from duospec.stats import GenerationStats
-from duospec.tree_budget import TreeBudgetPolicy
-from inprocess_draft import InProcessDraft
-from test_duo import KeepsOneTooMany as CropsOneTooLate  # the rejected chain token's cache entry stays
-from test_duo import TrustsTheFirstToken as KeepsItsChainPastARejection  # keeps the chain when only token 1 agrees
-from tiny_models import perturbed, tiny_config, tiny_model
 
 HAS_LLAMA = llama_cpp_available()
 needs_llama = pytest.mark.skipif(not HAS_LLAMA, reason="llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
 if HAS_LLAMA:
-    from duospec.models.llamacpp import LlamaCppModel, LlamaCppSettings
     from tiny_gguf import write_gguf
+
+    from duospec.models.llamacpp import LlamaCppModel, LlamaCppSettings
 
     # llama.cpp rounds n_ctx up to 256 (asking for 48 gives 256), so every draft here has 256
     # positions, on transformers too (max_position_embeddings).

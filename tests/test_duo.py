@@ -46,8 +46,11 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from law_checks import goodness_of_fit
+from tiny_models import perturbed, tiny_model
 
-from duospec.budget import CostProfile, DuoPlanner
+from duospec.budget.duo import DuoPlanner
+from duospec.budget.model import CostProfile
 from duospec.config import GenerationRequest, SamplingConfig
 from duospec.engines.draft_process import DraftObject, DraftProcess, DraftProcessLost, SpeculativeChain
 from duospec.engines.duo import generate_duo
@@ -55,8 +58,6 @@ from duospec.engines.sequential import generate_tokens
 from duospec.models.hf import HFModel
 from duospec.sampling import warp_probs
 from duospec.stats import GenerationStats
-from tiny_models import perturbed, tiny_model
-from law_checks import goodness_of_fit
 
 METHOD = "duo"  # the engine does not read request.method
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from duospec.config import SamplingConfig
-from duospec.tree import TokenTree
 from tiny_models import EOS_ID, perturbed, tiny_model, tiny_pipeline
+
+from duospec.tree import TokenTree
 
 PROMPTS = ["w1 w2 w3", "w5 w9 w5 w9 w5", "w20 w21 w22 w23 w24 w25 w26 w27 w28 w29 w30 w31", "w40"]
 
@@ -91,9 +90,9 @@ def test_acceptance_levels_are_what_the_draft_kinds_promise(target):
 
 
 def test_always_wrong_drafter_still_gives_ar_output(target):
-    from duospec.engines.sequential import generate_tokens
-    from duospec.budget import GammaPolicy
+    from duospec.budget.policy import GammaPolicy
     from duospec.config import GenerationRequest
+    from duospec.engines.sequential import generate_tokens
     from duospec.stats import GenerationStats
 
     pipe = tiny_pipeline(target)

@@ -17,14 +17,15 @@ import torch
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
 
+from tiny_gguf import write_gguf  # noqa: E402
+from tiny_models import EOS_ID, perturbed, tiny_model, tiny_tokenizer  # noqa: E402
+
 from duospec.api import Pipeline  # noqa: E402
 from duospec.config import DuospecError  # noqa: E402
 from duospec.models.hf import HFModel  # noqa: E402
 from duospec.models.llamacpp import LlamaCppModel, LlamaCppSettings, _parents_from_mask  # noqa: E402
 from duospec.models.loading import LoadOptions, load_model  # noqa: E402
 from duospec.tree import TokenTree  # noqa: E402
-from tiny_gguf import write_gguf  # noqa: E402
-from tiny_models import EOS_ID, perturbed, tiny_model, tiny_tokenizer  # noqa: E402
 
 SETTINGS = LlamaCppSettings(context=256, batch=64, sequences=16, threads=1)
 PROMPTS = ["w1 w2 w3", "w5 w9 w5 w9 w5", "w20 w21 w22 w23 w24 w25 w26 w27 w28 w29 w30 w31", "w40"]
@@ -326,13 +327,14 @@ def test_llama_cpp_backend_refuses_a_transformers_checkpoint(tmp_path, capsys):
 def test_sampled_methods_on_llama_cpp_follow_the_target_law(tmp_path, method):
     """The chi-square check of test_sampling_e2e, with target and draft on llama.cpp: new tokens 2 and 3
     of 2,000 seeded generations against the exact law (enumerated with the same float32 weights)."""
-    from duospec.budget import GammaPolicy
+    from test_sampling_e2e import PROMPT, SAMPLES, VOCAB, exact_two_token_law, goodness_of_fit
+
+    from duospec.budget.policy import GammaPolicy
     from duospec.config import GenerationRequest, SamplingConfig
     from duospec.drafting.chain import ChainDrafter
     from duospec.drafting.lookup import LookupDrafter
     from duospec.engines.sequential import generate_tokens
     from duospec.stats import GenerationStats
-    from test_sampling_e2e import PROMPT, SAMPLES, VOCAB, exact_two_token_law, goodness_of_fit
 
     target = tiny_model(seed=11, vocab_size=VOCAB)
     with torch.no_grad():

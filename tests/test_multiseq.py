@@ -26,24 +26,18 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import chisquare
+from tiny_models import perturbed, tiny_model, tiny_pipeline
 
-from duospec.budget import DraftBudget, GammaPolicy
+from duospec.budget.policy import DraftBudget, GammaPolicy
 from duospec.config import GenerationRequest, SamplingConfig
 from duospec.drafting.chain import ChainDrafter
-from duospec.drafting.multiseq import (
-    MAX_SEQUENCES,
-    MultiSequenceDrafter,
-    branch_first_tokens,
-    split_budget,
-    tree_from_sequences,
-)
+from duospec.drafting.multiseq import MAX_SEQUENCES, MultiSequenceDrafter, branch_first_tokens, split_budget, tree_from_sequences
 from duospec.engines.sequential import generate_tokens
 from duospec.models.hf import HFModel
 from duospec.sampling import choose, warp_probs
 from duospec.stats import GenerationStats
 from duospec.tree import TokenTree
 from duospec.verify import chain_acceptance_law, verify, verify_tree_sampling, walk
-from tiny_models import perturbed, tiny_model, tiny_pipeline
 
 # ===================================================================================================
 # (a) The rules on hand-built numbers.

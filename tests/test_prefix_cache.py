@@ -20,18 +20,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import EOS_ID, perturbed, tiny_model, tiny_pipeline, tiny_tokenizer
 
 from duospec.api import GenerationInterrupted, Pipeline
 from duospec.models import prefix
 from duospec.models.hf import HFModel
 from duospec.models.llamacpp import llama_cpp_available
-from tiny_models import EOS_ID, perturbed, tiny_model, tiny_pipeline, tiny_tokenizer
 
 HAS_LLAMA = llama_cpp_available()
 needs_llama = pytest.mark.skipif(not HAS_LLAMA, reason="llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
 if HAS_LLAMA:
-    from duospec.models.llamacpp import LlamaCppModel, LlamaCppSettings
     from tiny_gguf import write_gguf
+
+    from duospec.models.llamacpp import LlamaCppModel, LlamaCppSettings
 
     LLAMA_SETTINGS = LlamaCppSettings(context=256, batch=64, sequences=16, threads=1)
 
@@ -325,11 +326,13 @@ def test_tree_drafters_reuse_their_draft_prefix_too(pipelines, method):
 def test_duo_reuses_its_target_prefix_and_its_draft_process_prefix(request, modules, backend):
     """duo's engine (with the draft process's own state served in this process): the target keeps
     its prefix as the sequential engine does, the draft process keeps its own."""
-    from duospec.budget import CostProfile, DuoPlanner
+    from inprocess_draft import InProcessDraft
+
+    from duospec.budget.duo import DuoPlanner
+    from duospec.budget.model import CostProfile
     from duospec.config import GenerationRequest, SamplingConfig
     from duospec.engines.duo import generate_duo
     from duospec.stats import GenerationStats
-    from inprocess_draft import InProcessDraft
 
     if backend == "transformers":
         make = lambda name: HFModel(modules[name])  # noqa: E731

@@ -48,7 +48,9 @@ from law_checks import goodness_of_fit
 from tiny_models import perturbed, tiny_config
 from transformers import Qwen2ForCausalLM
 
-from duospec.budget import CostProfile, DraftBudget, DuoPlanner, GammaPolicy
+from duospec.budget.duo import DuoPlanner
+from duospec.budget.model import CostProfile
+from duospec.budget.policy import DraftBudget, GammaPolicy
 from duospec.config import GenerationRequest, SamplingConfig
 from duospec.drafting.auto import AutoDrafter
 from duospec.drafting.chain import ChainDrafter

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from law_checks import goodness_of_fit
+from tiny_models import perturbed, tiny_model
 
-from duospec.budget import GammaPolicy
+from duospec.budget.policy import GammaPolicy
 from duospec.config import GenerationRequest, SamplingConfig
 from duospec.drafting.chain import ChainDrafter
 from duospec.drafting.lookup import LookupDrafter
@@ -24,8 +26,6 @@ from duospec.engines.sequential import generate_tokens
 from duospec.models.hf import HFModel
 from duospec.sampling import warp_probs
 from duospec.stats import GenerationStats
-from tiny_models import perturbed, tiny_model
-from law_checks import goodness_of_fit
 
 VOCAB = 8
 PROMPT = [3, 4, 5, 3, 4]  # ends in a repeated bigram, so prompt lookup proposes drafts

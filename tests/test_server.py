@@ -17,19 +17,19 @@ import json
 import os
 import re
 import signal
-import threading
 import time
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 openai = pytest.importorskip("openai", reason="the server tests drive it with the openai client: pip install -e '.[test]'")
 pytest.importorskip("fastapi", reason="duospec serve needs its extra: pip install -e '.[serve]'")
 
-from duospec.cli import main
 from server_process import ServerProcess
 from tiny_models import perturbed, tiny_model, tiny_tokenizer
+
+from duospec.cli import main
 
 API_KEY = "test-key-0123456789"
 CONTEXT = 2048  # long enough that a generation outlasts a disconnect or a signal (about 8 s at 250 tok/s)

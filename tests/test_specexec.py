@@ -25,9 +25,14 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from law_checks import goodness_of_fit
+from tiny_models import EOS_ID, perturbed, tiny_model, tiny_pipeline, tiny_tokenizer
 
 import duospec.models.base as model_base
-from duospec.budget import PROBE_EVERY, CostProfile, DraftBudget
+from duospec.budget.model import CostProfile
+from duospec.budget.policy import PROBE_EVERY, DraftBudget
+from duospec.budget.timing import measure_growing_costs
+from duospec.budget.tree import CANDIDATE_BUDGETS, TreeBudgetPolicy, accepted_node_ranks
 from duospec.config import DuospecError, GenerationRequest, SamplingConfig
 from duospec.drafting.specexec import MAX_CHILDREN, SpecExecDrafter, TreeSearch, _Pool, cap_leaves
 from duospec.engines import steps
@@ -37,16 +42,14 @@ from duospec.models.llamacpp import llama_cpp_available
 from duospec.sampling import warp_probs
 from duospec.stats import GenerationStats
 from duospec.tree import TokenTree
-from duospec.tree_budget import CANDIDATE_BUDGETS, TreeBudgetPolicy, accepted_node_ranks, measure_growing_costs
 from duospec.verify import Verdict, walk
-from law_checks import goodness_of_fit
-from tiny_models import EOS_ID, perturbed, tiny_model, tiny_pipeline, tiny_tokenizer
 
 HAS_LLAMA = llama_cpp_available()
 needs_llama = pytest.mark.skipif(not HAS_LLAMA, reason="llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
 if HAS_LLAMA:
-    from duospec.models.llamacpp import LlamaCppModel, LlamaCppSettings
     from tiny_gguf import write_gguf
+
+    from duospec.models.llamacpp import LlamaCppModel, LlamaCppSettings
 
     SETTINGS = LlamaCppSettings(context=256, batch=64, sequences=16, threads=1)
     FEW_SEQUENCES = LlamaCppSettings(context=256, batch=64, sequences=8, threads=1)  # trees of at most 7 leaves

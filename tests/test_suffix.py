@@ -8,16 +8,14 @@ import doctest
 
 import numpy as np
 import pytest
-import torch
+from tiny_models import tiny_model, tiny_pipeline
 
 import duospec
-from duospec.budget import CostProfile
-from duospec.config import DuospecError, GenerationRequest
+from duospec.budget.model import CostProfile
+from duospec.budget.policy import DraftBudget
+from duospec.config import DuospecError, GenerationRequest, SamplingConfig
 from duospec.drafting import suffix
 from duospec.drafting.suffix import Speculation, SuffixDrafter, SuffixHistory, SuffixPolicy, find_matches, longest_match, speculate
-from duospec.budget import DraftBudget
-from duospec.config import SamplingConfig
-from tiny_models import tiny_model, tiny_pipeline
 
 FLAT = CostProfile({1: 0.010, 2: 0.010, 4: 0.0105, 8: 0.011, 16: 0.012, 64: 0.02})
 # Shaped like llama.cpp on the developers' 2-core AMD EPYC (t(n)/t(1): 1.53 at 2, 2.37 at 4, 5.8 at 8).

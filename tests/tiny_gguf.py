@@ -17,10 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import gguf
-import torch
-from transformers import Qwen2ForCausalLM
-
 from tiny_models import CHAT_TEMPLATE, EOS_ID, SPECIALS, tiny_tokenizer
+from transformers import Qwen2ForCausalLM
 
 MERGE = (":", "Ċ")
 MERGED_TOKEN = "".join(MERGE)

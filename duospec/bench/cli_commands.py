@@ -64,7 +64,7 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
     )
     bench.add_argument("--tree-depth", type=int, default=None, help="specexec: the tree's depth cap (default 16)")
     bench.add_argument("--gamma", type=int, default=None, help="fixed draft tokens per round for sd, pld, multiseq and duo (default: chosen from measured costs)")
-    bench.add_argument("--budget", type=int, default=None, help="fixed specexec tree budget (default: chosen each round from measured costs)")
+    bench.add_argument("--tree-budget", "--budget", dest="budget", type=int, default=None, help="fixed specexec tree budget (default: chosen each round from measured costs)")
     bench.add_argument(
         "--warm",
         action="store_true",
@@ -218,7 +218,7 @@ def bench_command(args: argparse.Namespace, methods: list[str], tasks: list[str]
     words += ["--seed", str(args.seed)]
     if args.questions is not None:
         words += ["--questions", str(args.questions)]
-    for flag, value in (("--gamma", getattr(args, "gamma", None)), ("--budget", getattr(args, "budget", None))):
+    for flag, value in (("--gamma", getattr(args, "gamma", None)), ("--tree-budget", getattr(args, "budget", None))):
         if value is not None:
             words += [flag, str(value)]
     if getattr(args, "warm", False):
@@ -260,7 +260,7 @@ def run_profile_command(args: argparse.Namespace) -> int:
     from duospec.bench.profile import format_table, run_profile, write_profile
     from duospec.bench.report import collect_meta
     from duospec.bench.runner import draft_name
-    from duospec.budget import profiles_dir
+    from duospec.budget.kept import profiles_dir
     from duospec.cli_options import load_pipeline
     from duospec.config import DuospecError
 

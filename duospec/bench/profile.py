@@ -2,7 +2,7 @@
 
 These are the two numbers every draft budget rests on (DESIGN.md 1.1): while t(n) stays flat,
 verifying more draft tokens is free; where it rises, each extra token must be accepted often enough
-to pay for itself. The budget code (duospec/budget.py) takes its figures from the same functions,
+to pay for itself. The budget code (duospec/budget/) takes its figures from the same functions,
 `measure_target_costs` and `measure_draft_step`, so this table shows why it picks the gamma it does.
 """
 
@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from duospec.budget import measure_draft_step, measure_target_costs
+from duospec.budget.timing import measure_draft_step, measure_target_costs
 
 if TYPE_CHECKING:
     from duospec.api import Pipeline

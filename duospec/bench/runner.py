@@ -81,7 +81,7 @@ class BenchSettings:
     def validate(self) -> None:
         """Check decoding flags before any model is loaded."""
         SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
-        GenerationRequest(method="sd", gamma=self.gamma, tree_budget=self.tree_budget)  # range checks of --gamma and --budget
+        GenerationRequest(method="sd", gamma=self.gamma, tree_budget=self.tree_budget)  # range checks of --gamma and --tree-budget
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise DuospecError(f"--max-new-tokens must be a positive integer, got {self.max_new_tokens!r}")
 

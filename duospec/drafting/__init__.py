@@ -12,7 +12,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from duospec.budget import DraftBudget
+from duospec.budget.policy import DraftBudget
 from duospec.config import DuospecError, SamplingConfig
 from duospec.tree import TokenTree
 from duospec.verify import Verdict

@@ -20,7 +20,7 @@ from collections import Counter
 
 import torch
 
-from duospec.budget import DraftBudget, GammaPolicy
+from duospec.budget.policy import DraftBudget, GammaPolicy
 from duospec.config import SamplingConfig
 from duospec.drafting.chain import ChainDrafter
 from duospec.drafting.suffix import SuffixDrafter
@@ -110,3 +110,9 @@ class _AutoPolicy:
         if self.drafter._last == "sd" and self.drafter.sd_policy is not None:
             return self.drafter.sd_policy.alpha
         return self.drafter.suffix.policy.alpha
+
+    def describe(self) -> str:
+        parts = [f"suffix rounds: {self.drafter.suffix.policy.describe()}"]
+        if self.drafter.sd_policy is not None:
+            parts.append(f"draft-model rounds: {self.drafter.sd_policy.describe()}")
+        return "each round drafts from the suffix tree where a repeat pays, else from the draft model where it pays, else runs as ar; " + "; ".join(parts)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from duospec.budget import DraftBudget
+from duospec.budget.policy import DraftBudget
 from duospec.config import SamplingConfig
 from duospec.models import prefix
 from duospec.models.base import Model

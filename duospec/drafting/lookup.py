@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from duospec.budget import DraftBudget
+from duospec.budget.policy import DraftBudget
 from duospec.config import SamplingConfig
 from duospec.tree import TokenTree
 from duospec.verify import Verdict

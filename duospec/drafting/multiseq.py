@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from duospec.budget import DraftBudget
+from duospec.budget.policy import DraftBudget
 from duospec.config import SamplingConfig
 from duospec.drafting.chain import ChainDrafter
 from duospec.models.base import Model

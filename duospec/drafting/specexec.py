@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from duospec.budget import DraftBudget
+from duospec.budget.policy import DraftBudget
 from duospec.config import SamplingConfig
 from duospec.models import prefix
 from duospec.models.base import Model

@@ -39,7 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from duospec.budget import DRAFT_MARGIN, CostProfile, DraftBudget
+from duospec.budget.model import DRAFT_MARGIN, CostProfile
+from duospec.budget.policy import DraftBudget
 from duospec.config import DuospecError, SamplingConfig
 from duospec.tree import TokenTree
 from duospec.verify import Verdict

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from duospec.budget import DuoPlanner
+from duospec.budget.duo import DuoPlanner
 from duospec.config import GenerationRequest
 from duospec.engines import steps
 from duospec.engines.draft_process import ChainReply, DraftProcess, DraftProcessLost

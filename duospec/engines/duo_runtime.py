@@ -4,7 +4,7 @@ with both sides running together.
 The split is chosen from measurement, not assumed: for every candidate placement (engines/duo.py's
 `candidate_splits`) the target's pass costs are measured while the draft process drafts without end
 beside it, and the draft's step time while the target works; the placement whose predicted Duo rate is
-highest at a typical acceptance wins. The figures are kept on disk like the other costs (budget.py).
+highest at a typical acceptance wins. The figures are kept on disk like the other costs (budget/kept.py).
 The chosen process stays alive between requests; a lost one is restarted at the next request.
 """
 
@@ -15,9 +15,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from duospec.budget import CostProfile, DuoPlanner, Measured, cached_measurement, expected_tokens, keep_measurement, measure_target_costs
+from duospec.budget.corrections import CostTracker, corrected_draft_step, corrected_target_costs
+from duospec.budget.duo import DuoPlanner
+from duospec.budget.kept import Measured, cached_measurement, keep_measurement
+from duospec.budget.load import under_load
+from duospec.budget.model import CostProfile, expected_tokens
+from duospec.budget.timing import measure_target_costs
 from duospec.config import DuospecError, GenerationRequest
-from duospec.costs import CostTracker, corrected_draft_step, corrected_target_costs, under_load
 from duospec.engines.draft_process import DraftFromSource, DraftObject, DraftProcess, DraftProcessLost, vocabulary_digest
 from duospec.engines.duo import ThreadSplit, candidate_splits, generate_duo, target_placement, warn_lost
 from duospec.stats import GenerationStats

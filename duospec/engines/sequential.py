@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import torch
 
-from duospec.budget import GammaPolicy
+from duospec.budget.policy import GammaPolicy
 from duospec.config import GenerationRequest
 from duospec.drafting import Drafter
 from duospec.engines import steps

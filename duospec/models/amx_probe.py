@@ -85,7 +85,7 @@ def build_identity(llama_cpp) -> str:
 
 
 def verdict_file() -> Path:
-    from duospec.budget import profiles_dir
+    from duospec.budget.kept import profiles_dir
 
     return profiles_dir() / "llama-amx-probe.json"
 

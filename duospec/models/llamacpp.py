@@ -41,7 +41,7 @@ INSTALL_HINT = (
 DEFAULT_CONTEXT = 4096  # KV cells allocated; the model's trained context caps it
 DEFAULT_BATCH = 512  # tokens per llama_decode call (longer inputs are split)
 DEFAULT_SEQUENCES = 256  # sequence ids (llama.cpp's maximum): a tree may have at most 255 leaves
-MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
+MAX_SEQUENCE_IDS = 256  # llama.cpp's LLAMA_MAX_SEQ: sequence ids per context (a tree leaf takes one)
 
 
 def import_llama_cpp():
@@ -114,8 +114,8 @@ class LlamaCppModel:
         self.device = torch.device("cpu")
         self.dtype = torch.float32  # logits come back in float32; weights keep the GGUF's types
         check_gguf_file(self.path)
-        if not (2 <= settings.sequences <= MAX_SEQUENCES):
-            raise DuospecError(f"llama.cpp sequences must be in 2..{MAX_SEQUENCES}, got {settings.sequences}")
+        if not (2 <= settings.sequences <= MAX_SEQUENCE_IDS):
+            raise DuospecError(f"llama.cpp sequences must be in 2..{MAX_SEQUENCE_IDS}, got {settings.sequences}")
         _init_backend(llama_cpp, verbose)
 
         model_params = llama_cpp.llama_model_default_params()
@@ -446,7 +446,7 @@ class _OpenTree:
     def _too_many_leaves(self) -> DuospecError:
         return DuospecError(
             f"{self.model.name}: this tree has more than {self.model.max_tree_leaves} leaves, and llama.cpp gives each "
-            f"leaf a sequence id (at most {MAX_SEQUENCES} sequences, {self.model.settings.sequences} allocated); "
+            f"leaf a sequence id (at most {MAX_SEQUENCE_IDS} sequences, {self.model.settings.sequences} allocated); "
             "cap the tree's leaves (SpecExec does so by itself) or use --backend transformers"
         )
 

@@ -16,77 +16,20 @@ Budgets never tried start from a prior (a chain at acceptance 0.8) that the roun
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from duospec.budget import DRAFT_MARGIN, PROBE_EVERY, CostProfile, DraftBudget, Measured, _silent, cached_measurement
+from duospec.budget.model import DRAFT_MARGIN, CostProfile
+from duospec.budget.policy import PROBE_EVERY, DraftBudget
 from duospec.config import MAX_TREE_BUDGET
-from duospec.costs import LoadProbe, under_load
-from duospec.costs import synchronize as _synchronize
 from duospec.drafting.specexec import DEFAULT_DEPTH, TreeSearch
-from duospec.models.base import Model
 from duospec.tree import TokenTree
 from duospec.verify import Verdict
 
 LARGE_SIZES = (48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 DRAFT_WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CANDIDATE_BUDGETS = tuple(2**k for k in range(13))  # 1 .. 4096
-
-
-@torch.inference_mode()
-def measure_growing_costs(model: Model, sizes: tuple[int, ...], ceiling: float, context_tokens: int = 256, repeats: int = 3) -> dict[int, float]:
-    """Median seconds of one pass over n tokens after `context_tokens` cached ones, for growing n,
-    up to and including the first n whose pass costs more than `ceiling` seconds (or the context's end)."""
-    limit = model.max_context or (context_tokens + max(sizes) + 1)
-    # A short context (a small llama.cpp --ctx-size, tiny models) may not hold the filler plus even the
-    # smallest pass; measure after half the context then, so that the curve is never empty.
-    context_tokens = min(context_tokens, limit // 2)
-    filler = torch.arange(context_tokens, device=model.device) % max(model.vocab_size - 1, 1)
-    model.reset()
-    model.forward(filler, last_only=True)
-    costs: dict[int, float] = {}
-    for n in sizes:
-        if context_tokens + n >= limit:
-            break
-        tokens = torch.arange(n, device=model.device) % max(model.vocab_size - 1, 1)
-        samples = []
-        for _ in range(repeats):
-            _synchronize(model.device)
-            start = time.perf_counter()
-            model.forward(tokens, reduce=lambda block: block[:, :1])  # the logits are not the cost measured here
-            _synchronize(model.device)
-            samples.append(time.perf_counter() - start)
-            model.crop(context_tokens)
-        costs[n] = sorted(samples)[len(samples) // 2]
-        if costs[n] > ceiling:
-            break
-    model.reset()
-    return costs
-
-
-def growing_costs_for(
-    model: Model,
-    key_parts: list[str] | None,
-    sizes: tuple[int, ...],
-    ceiling: float,
-    what: str,
-    remeasure: bool = False,
-    probe: LoadProbe | None = None,
-    notify: Callable[[str], None] | None = None,
-) -> dict[int, float]:
-    """`measure_growing_costs`, kept on disk under the model's key (None: measured every run)."""
-    probe = probe or LoadProbe()
-
-    def measure() -> Measured:
-        costs, reading = probe.watch(lambda: measure_growing_costs(model, sizes, ceiling), model)
-        return Measured({str(n): s for n, s in costs.items()}, under_load(reading))
-
-    key = key_parts and [*key_parts, what, *map(str, sizes), f"ceiling={ceiling:.4f}"]
-    value = cached_measurement(key, measure, remeasure, None, notify or _silent)
-    return {int(n): float(s) for n, s in value.items()}
 
 
 @dataclass(frozen=True)

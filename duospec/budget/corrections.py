@@ -1,6 +1,6 @@
 """Keeping the measured costs honest: load detection, spot checks of kept figures, online correction.
 
-The draft budget (budget.py) decides from two measured costs, one target pass over n tokens and one
+The draft budget (policy.py) decides from two measured costs, one target pass over n tokens and one
 draft step, measured once per machine and kept on disk. One bad measurement used to poison every later
 run: a first run on a busy machine measured a 0.047 s draft step as 1.46 s, kept it, and every later run
 decoded at gamma 1 (0.73 tokens/s instead of about 9). Three guards:
@@ -13,28 +13,20 @@ decoded at gamma 1 (0.73 tokens/s instead of about 9). Three guards:
    the real pass and step times; after each request the pipeline compares their medians with the
    figures in use and corrects those that disagree.
 
-Determinism (budget.py's module docstring): a request's budget decisions depend only on the profile it
+Determinism (model.py's module docstring): a request's budget decisions depend only on the profile it
 started with, so corrections take effect from the next request on, never in the middle of one.
 """
 
 from __future__ import annotations
 
-import os
 import statistics
-import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
 
-import torch
-
+from duospec.budget.load import LoadProbe, under_load
+from duospec.budget.model import CostProfile
+from duospec.budget.timing import sample_step_seconds
 from duospec.models.base import Model
-
-if TYPE_CHECKING:
-    from duospec.budget import CostProfile
-
-T = TypeVar("T")
 
 # A kept figure and a new reading agree within this factor either way. Quiet-machine repeats of our
 # measurements differ by 5-15% (clock ramp, cache state, a median of 3), and a spot check after a short
@@ -50,150 +42,11 @@ AGREEMENT_FACTOR = 1.5
 # budget's common sizes (one-token passes, gamma + 1) reach 8 within one request.
 MIN_SAMPLES = 8
 TRACK_WINDOW = 32  # newest samples kept per size: the median follows a machine whose speed changed
-SPOT_CONTEXT = 4  # prefill tokens before a spot check (a pass over 4 costs about one over 1 on CPUs)
-SPOT_SAMPLES = 3  # timed one-token passes per spot check; their median tolerates one outlier
-CPU_SHARE_FLOOR = 0.75  # see under_load
-LOAD_PER_CORE = 1.5  # see under_load
-
-
-@dataclass(frozen=True)
-class LoadReading:
-    """What the machine looked like around one measurement (or one request).
-
-    cpu_seconds: CPU time this process used meanwhile, all its threads (time.process_time).
-    wall_seconds: wall time meanwhile.
-    threads: threads the measured model computes with, capped at the cores this process may use.
-    load_average: the 1-minute load average just before.
-    cores: cores that load average is shared by (os.cpu_count(); see under_load).
-    cpu_bound: whether the model computes on the CPU (False on an accelerator, where the CPU waits).
-    """
-
-    cpu_seconds: float
-    wall_seconds: float
-    threads: int
-    load_average: float
-    cores: int
-    cpu_bound: bool = True
-
-    @property
-    def cpu_share(self) -> float:
-        """Share of the CPU time our threads could have had that they got (1.0: never waited)."""
-        return self.cpu_seconds / max(self.wall_seconds * self.threads, 1e-9)
-
-
-def under_load(reading: LoadReading) -> bool:
-    """Whether a measurement ran under visible load, so that it must not be kept. Either rule suffices.
-
-    - CPU share (CPU-bound models only): our threads got less than CPU_SHARE_FLOOR (0.75) of the CPU
-      time they could have had. A compute-bound pass keeps every thread busy (llama.cpp's and OpenMP's
-      workers spin between kernels): on this project's quiet 2-core machine a decode step of a small
-      Qwen2 reached a share of 0.89 (2 threads) to 1.0 (1 thread), and 0.3-0.5 with one other busy
-      process. This catches contention during the measurement itself, which is what slows it. It means
-      nothing on an accelerator, where the CPU mostly waits for the device, so it is skipped there.
-    - Load average: more than LOAD_PER_CORE (1.5) runnable threads per core over the last minute means
-      work was queueing for the CPU before we started (and it also catches what the share cannot see:
-      neighbours on other cores taking memory bandwidth, an accelerator's launch thread starved). It is
-      compared with os.cpu_count(), not with our affinity: the kernel's load average counts the whole
-      machine (the host, in most containers), so a container pinned to 2 of 64 cores would otherwise
-      call every measurement loaded. It lags by up to a minute and counts our own threads (we may have
-      just loaded a model with all of them), hence the margin over 1.0.
-
-    A false alarm only costs a measurement that is not kept (it is taken again next run); a missed load
-    is caught by the next run's spot check or by the online correction.
-    """
-    if reading.cpu_bound and reading.cpu_share < CPU_SHARE_FLOOR:
-        return True
-    return reading.load_average > LOAD_PER_CORE * reading.cores
-
-
-def model_threads(model: Model) -> int:
-    """Threads a model computes with (llama.cpp models say so; transformers uses torch's pool), capped
-    at the cores this process may run on: more threads than cores cannot all run at once."""
-    threads = getattr(model, "threads", None) or torch.get_num_threads()
-    return max(1, min(int(threads), _affinity_cores()))
-
-
-@dataclass(frozen=True)
-class LoadWatch:
-    """The readings a LoadProbe took when a measurement started."""
-
-    cpu_start: float
-    wall_start: float
-    load_average: float
-
-
-class LoadProbe:
-    """Takes LoadReadings around a measurement.
-
-    The clocks and the load average are injectable so tests can script a quiet or a busy machine;
-    `wall_clock` also times the spot checks, for the same reason.
-    """
-
-    def __init__(
-        self,
-        cpu_clock: Callable[[], float] = time.process_time,
-        wall_clock: Callable[[], float] = time.perf_counter,
-        load_average: Callable[[], float] | None = None,
-        cores: int | None = None,
-    ) -> None:
-        self.cpu_clock = cpu_clock
-        self.wall_clock = wall_clock
-        self.load_average = load_average or _load_average
-        self.cores = cores or os.cpu_count() or 1
-
-    def start(self) -> LoadWatch:
-        return LoadWatch(self.cpu_clock(), self.wall_clock(), self.load_average())
-
-    def stop(self, watch: LoadWatch, model: Model) -> LoadReading:
-        """The reading since `watch`, for a measurement of `model` (its threads and device)."""
-        return LoadReading(
-            cpu_seconds=self.cpu_clock() - watch.cpu_start,
-            wall_seconds=self.wall_clock() - watch.wall_start,
-            threads=model_threads(model),
-            load_average=watch.load_average,
-            cores=self.cores,
-            cpu_bound=torch.device(model.device).type == "cpu",
-        )
-
-    def watch(self, measure: Callable[[], T], model: Model) -> tuple[T, LoadReading]:
-        """Run `measure` (of `model`) and say what the machine looked like meanwhile."""
-        started = self.start()
-        value = measure()
-        return value, self.stop(started, model)
 
 
 def agrees(kept: float, observed: float, factor: float = AGREEMENT_FACTOR) -> bool:
     """Whether two timings agree within `factor` either way."""
     return kept / factor <= observed <= kept * factor
-
-
-@torch.inference_mode()
-def sample_step_seconds(
-    model: Model,
-    clock: Callable[[], float] = time.perf_counter,
-    context_tokens: int = SPOT_CONTEXT,
-    samples: int = SPOT_SAMPLES,
-) -> float:
-    """Median seconds of a one-token pass after a short prefill: a spot check of a kept figure.
-
-    Costs one prefill of `context_tokens` plus `samples` one-token passes, about 4-5 one-token passes in
-    all (the prefill also pages in the weights, so no separate warm-up): from the figures in README's
-    Backends section about 0.15 s for the llama.cpp draft, 0.25 s for the int8 transformers draft, 0.4 s
-    for the llama.cpp target and 1 s for the bf16 transformers target on a 2-core CPU, against 20-40 s
-    for a full measurement. The cache is dropped afterwards.
-    """
-    filler = torch.arange(context_tokens, device=model.device) % max(model.vocab_size - 1, 1)
-    model.reset()
-    model.forward(filler, last_only=True)
-    times = []
-    for _ in range(samples):
-        synchronize(model.device)
-        start = clock()
-        model.forward(filler[:1], last_only=True)
-        synchronize(model.device)
-        times.append(clock() - start)
-    model.reset()
-    return statistics.median(times)
 
 
 def spot_check_agrees(
@@ -303,24 +156,3 @@ def may_keep_correction(new: float, kept: float | None, loaded: bool) -> bool:
     if not loaded:
         return True
     return kept is not None and new < kept
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued device work, so that a timing covers it (a no-op on the CPU)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _load_average() -> float:
-    """The 1-minute load average, or 0.0 where the platform has none (then only the CPU share counts)."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return 0.0
-
-
-def _affinity_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on every platform
-        return os.cpu_count() or 1
