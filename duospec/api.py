@@ -19,7 +19,6 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
@@ -207,7 +206,6 @@ class Pipeline:
         check_history_options(suffix_history_tokens, suffix_scope)
         self.target = target
         self.target_source = target_source or target.name  # what loaded it: embedded name, path or hub id
-        self._hf_target = None  # a transformers copy of a llama.cpp target, for baselines
         self.tokenizer = tokenizer
         self.draft_source = draft_source
         self.draft_quantization = draft_quantization  # "int8" or "none", already resolved for this device
@@ -219,7 +217,6 @@ class Pipeline:
         self.progress = progress
         self._draft: Model | None = None
         self._draft_identity: list[str] | None = None
-        self._plain_draft: Model | None = None  # loaded only for transformers baselines
         self._target_identity = cost_identity
         self._target_costs: dict[int, float] | None = None
         self._draft_step: float | None = None
@@ -249,7 +246,7 @@ class Pipeline:
     @property
     def deterministic(self) -> bool:
         """Whether the target runs in deterministic mode (models/deterministic.py)."""
-        return bool(getattr(self.target, "deterministic", False))
+        return self.target.deterministic
 
     @contextmanager
     def default_mode(self) -> Iterator[None]:
@@ -287,11 +284,11 @@ class Pipeline:
     def draft(self) -> Model:
         """The draft model, loaded on first use (methods without a draft never pay for it)."""
         if self._draft is None:
-            loaded = self._load_draft(self._draft_load_options(), name=self.draft_label)
+            loaded = self.load_draft(self.draft_load_options(), name=self.draft_label)
             self._draft, self._draft_identity = loaded.model, loaded.cost_identity
         return self._draft
 
-    def _draft_load_options(self, quantization: str | None = None) -> LoadOptions:
+    def draft_load_options(self, quantization: str | None = None) -> LoadOptions:
         """How the draft loads: its own options (or the target's backend), with the given or the
         pipeline's weight quantisation (which only transformers drafts use)."""
         options = self.draft_options or LoadOptions(backend=self.backend, device=self.device, dtype=self.dtype)
@@ -299,19 +296,7 @@ class Pipeline:
             quantization = self.draft_quantization
         return options if quantization is None else replace(options, quantization=quantization)
 
-    def plain_draft_model(self) -> torch.nn.Module:
-        """The draft exactly as transformers loads it (same checkpoint and dtype, no int8 weights).
-
-        Baselines run this: it is what a user of the transformers library would pass as assistant.
-        """
-        if self.draft_backend == "transformers" and self.draft_quantization == "none":
-            return self.draft.model
-        if self._plain_draft is None:
-            options = replace(self._draft_load_options(quantization="none"), backend="transformers", device=self.device, dtype=self.dtype)
-            self._plain_draft = self._load_draft(options, name=self.draft_source).model
-        return self._plain_draft.model
-
-    def _load_draft(self, options: LoadOptions, name: str | None) -> LoadedModel:
+    def load_draft(self, options: LoadOptions, name: str | None) -> LoadedModel:
         """The draft on its backend, once its vocabulary is checked against the target's."""
         if self.draft_source is None:
             raise DuospecError("this method needs a draft model; pass --draft (or draft=...) with a model that shares the target's tokenizer")
@@ -326,36 +311,6 @@ class Pipeline:
         if label is not None and self.draft_backend != "transformers":
             label = f"{label}@{self.draft_backend}"
         return label
-
-    def transformers_target(self) -> torch.nn.Module:
-        """The target as a transformers module (for the transformers baselines): the pipeline's own
-        target where it runs on transformers, else a transformers copy loaded on first use."""
-        if self.backend == "transformers":
-            return self.target.model
-        if self._hf_target is None:
-            options = LoadOptions(backend="transformers", device=self.device, dtype=self.dtype, threads=self.threads)
-            self._hf_target = load_model(self.target_source, options, name=self.target_source, progress=self.progress).model
-        return self._hf_target.model
-
-    def has_gguf(self) -> bool:
-        """Whether the target exists as a GGUF file (for the llama.cpp baselines), without building it."""
-        from duospec.models.loading import has_gguf
-
-        return getattr(self.target, "path", None) is not None or has_gguf(self.target_source)
-
-    def gguf_path(self) -> Path:
-        """The target's GGUF file (for the llama.cpp baselines), or a DuospecError when it has none."""
-        path = getattr(self.target, "path", None)
-        if path is not None:
-            return Path(path)
-        from duospec.models.loading import is_gguf_path
-        from duospec.models.registry import EMBEDDED_MODELS, ensure_gguf
-
-        if self.target_source in EMBEDDED_MODELS:
-            return ensure_gguf(EMBEDDED_MODELS[self.target_source], progress=self.progress)
-        if is_gguf_path(self.target_source):
-            return Path(self.target_source).expanduser()
-        raise DuospecError(f"the target {self.target_source!r} is not a GGUF model (embedded name or .gguf file)")
 
     def attach_draft(self, model: Model) -> None:
         """Use an already loaded draft model (tests, notebooks). It must share the target's tokenizer."""

@@ -253,9 +253,11 @@ def test_a_draft_with_another_vocabulary_is_refused_by_every_path(checkpoints, c
     target, _ = checkpoints
     code, _, err = run_cli(["generate", "w1 w2", "--method", "sd", "--target", str(target), "--draft", str(other), "--dtype", "float32"], capsys)
     assert code == 2 and "do not share a tokenizer" in err and "Traceback" not in err
+    from duospec.bench.baseline_models import baseline_models
+
     pipe = duospec.load(str(target), str(other), dtype="float32", draft_quantization="int8")
     with pytest.raises(DuospecError, match="do not share a tokenizer"):
-        pipe.plain_draft_model()
+        baseline_models(pipe).plain_draft()
 
 
 def test_backend_llama_cpp_without_llama_cpp_python_is_a_clear_error(capsys, monkeypatch):

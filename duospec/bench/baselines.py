@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from duospec.bench.baseline_models import baseline_models
 from duospec.bench.settings import BenchMethod, DecodeSettings
 from duospec.stats import GenerationStats
 
@@ -88,9 +89,10 @@ def _generate_hf(name: str, pipe: "Pipeline", prompt_ids: list[int], settings: D
     """One answer from transformers' `generate`: plain ("hf-ar"), assisted ("hf-assisted") or prompt lookup ("hf-pld")."""
     from duospec.api import GenerationResult
 
-    model = pipe.transformers_target()
+    models = baseline_models(pipe)
+    model = models.transformers_target()
     # The draft as transformers loads it: duospec's int8 draft weights are duospec's, not the library's.
-    assistant = pipe.plain_draft_model() if name == "hf-assisted" else None
+    assistant = models.plain_draft() if name == "hf-assisted" else None
     if assistant is not None:
         mode = {"assistant_model": assistant}
     elif name == "hf-pld":

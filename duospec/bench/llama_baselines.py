@@ -19,6 +19,7 @@ from __future__ import annotations
 from functools import partial
 from typing import TYPE_CHECKING
 
+from duospec.bench.baseline_models import baseline_models
 from duospec.bench.settings import BenchMethod, DecodeSettings
 from duospec.config import DuospecError
 from duospec.stats import GenerationStats
@@ -39,8 +40,8 @@ def _llama(pipe: "Pipeline", name: str):
     llama_cpp = import_llama_cpp()
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
-    path = pipe.gguf_path()
-    context = getattr(pipe.target, "max_context", None) or 4096
+    path = baseline_models(pipe).gguf_path()
+    context = pipe.target.max_context or 4096
     lookup = name == "llama-pld"
     cache[name] = llama_cpp.Llama(
         model_path=str(path),
@@ -112,6 +113,6 @@ LLAMA_BASELINES: dict[str, BenchMethod] = {
 def require_gguf(pipe: "Pipeline") -> None:
     """Fail before a run when the target has no GGUF file for the llama.cpp baselines."""
     try:
-        pipe.gguf_path()
+        baseline_models(pipe).gguf_path()
     except DuospecError as error:
         raise DuospecError(f"the llama-ar / llama-pld baselines need the target as GGUF: {error}") from error

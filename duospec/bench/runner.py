@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from duospec.bench.data import Question, available_tasks, file_sha256, load_questions, packaged_questions_path, select_questions
+from duospec.bench.baseline_models import baseline_models
 from duospec.bench.methods import bench_methods, is_deterministic_answer, resolve_methods, with_default_mode
 from duospec.bench.settings import BASELINE_METHOD, DecodeSettings
 from duospec.bench.report import rate_ratio
@@ -262,7 +263,7 @@ def run_bench(
     questions = load_questions(settings.questions_path)
     tasks = list(settings.tasks) if settings.tasks else available_tasks(questions)
     selected = select_questions(questions, tasks, settings.limit)
-    methods = resolve_methods(list(settings.methods) if settings.methods else None, draft_name(pipe) is not None, pipe.has_gguf())
+    methods = resolve_methods(list(settings.methods) if settings.methods else None, draft_name(pipe) is not None, baseline_models(pipe).has_gguf())
     deterministic = getattr(pipe, "deterministic", False)
     if deterministic:
         methods = with_default_mode(methods)

@@ -71,7 +71,7 @@ class DuoRuntime:
             return DraftObject(pipe._draft)
         if pipe.draft_source is None:
             raise DuospecError("duo needs a draft model; pass --draft (or draft=...) with a model that shares the target's tokenizer")
-        options = pipe._draft_load_options()
+        options = pipe.draft_load_options()
         return DraftFromSource(
             pipe.draft_source,
             replace(options, threads=split.draft_threads),

@@ -44,6 +44,13 @@ class Model(Protocol):
     # What a caller recorded the cache to hold (a prefix.HeldPrefix), for the next request to reuse.
     # Callers set it; the backend sets it to None on every cache change (forward, keep, crop, reset).
     held_prefix: object | None
+    # Deterministic mode (models/deterministic.py): every logit row of a multi-token pass bit-identical
+    # to a one-token decode. A backend that cannot keep it refuses set_deterministic(True).
+    deterministic: bool
+
+    def set_deterministic(self, enabled: bool) -> None:
+        """Switch deterministic mode; raises DuospecError where this backend or machine cannot keep it."""
+        ...
 
     @property
     def cache_len(self) -> int:

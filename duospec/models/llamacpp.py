@@ -113,6 +113,7 @@ class LlamaCppModel:
         self.settings = settings
         self.device = torch.device("cpu")
         self.dtype = torch.float32  # logits come back in float32; weights keep the GGUF's types
+        self.deterministic = False  # llama.cpp runs a multi-token pass with other kernels than a decode
         check_gguf_file(self.path)
         if not (2 <= settings.sequences <= MAX_SEQUENCE_IDS):
             raise DuospecError(f"llama.cpp sequences must be in 2..{MAX_SEQUENCE_IDS}, got {settings.sequences}")
@@ -176,6 +177,11 @@ class LlamaCppModel:
         return frozenset(i for i in range(self.vocab_size) if self._lib.llama_vocab_is_eog(self._vocab, i))
 
     # -- the Model protocol -----------------------------------------------------------------------
+    def set_deterministic(self, enabled: bool) -> None:
+        """Deterministic mode cannot be kept here (a multi-token pass runs other kernels than a decode)."""
+        if enabled:
+            raise DuospecError("--deterministic needs the transformers backend; llama.cpp cannot keep it")
+
     @property
     def cache_len(self) -> int:
         return self._cache_len

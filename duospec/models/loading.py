@@ -224,3 +224,18 @@ def hf_eos_ids(model, tokenizer) -> frozenset[int]:
 
 def default_threads() -> int:
     return len(os.sched_getaffinity(0))
+
+
+def transformers_module(model: Model) -> torch.nn.Module | None:
+    """The transformers module a duospec model runs, or None where it runs on another backend
+    (the library baselines hand it to transformers' own `generate`)."""
+    from duospec.models.hf import HFModel
+
+    return model.model if isinstance(model, HFModel) else None
+
+
+def gguf_file(model: Model) -> Path | None:
+    """The GGUF file a llama.cpp model was loaded from, or None for a model on another backend."""
+    from duospec.models.llamacpp import LlamaCppModel
+
+    return Path(model.path) if isinstance(model, LlamaCppModel) else None
