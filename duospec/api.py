@@ -704,25 +704,17 @@ def load(
 ) -> Pipeline:
     """Load a target model (default: the embedded Qwen2.5-Coder-1.5B-Instruct) and note the draft.
 
-    target/draft: an embedded model name, a .gguf file, a local transformers directory or a hub id.
-    The draft (default: the embedded Qwen2.5-Coder-0.5B-Instruct when the target is the default) is
-    loaded on first use by a method that needs it. backend: "auto" (llama.cpp on CPUs where it is
-    installed and the model is GGUF, else transformers), "transformers" or "llama.cpp"; draft_backend
-    defaults to the same choice. threads/draft_threads: CPU threads of each model (default: all cores).
-    draft_quantization (transformers drafts only): "auto" stores the draft's weights as int8 on CPUs (a
-    draft step reads half the bytes; exactness is untouched, only acceptance could move), "int8" or "none".
-    context: llama.cpp KV cells per model (default 4096, capped by the model's trained context).
-    offload: keep the target's decoder layers in pinned CPU memory and stream them to the GPU every pass
-    (transformers on CUDA only; for SpecExec with targets larger than the GPU). The draft stays resident.
-    deterministic: the target's logits for every position of a multi-token pass are bit-identical to a
-    one-token decode of the same prefix, so greedy output of every method equals `ar` bit for bit
-    (transformers only; checked against this machine's kernels at load, refused where they cannot keep it).
-    suffix_history_tokens: how many tokens of earlier requests (prompts and answers) suffix decoding
-    keeps to draft from, oldest evicted first. suffix_scope: "shared" (default) drafts from them,
-    "request" only from the request itself (nothing of one request shapes another's drafts).
-    prefix_cache: keep each model's KV cache after a request and reuse the longest token prefix the
-    next prompt shares with it (a second turn prefills only the new turn); False starts every request
-    from empty caches. Greedy answers are the same either way (up to near-ties in bfloat16/float16).
+    target/draft: an embedded model name, a .gguf file, a local transformers directory or a hub id; the
+    draft (default: the embedded 0.5B with the default target) loads on first use by a method that
+    needs it. backend/draft_backend: "auto" (llama.cpp on CPUs where it is installed and the model is
+    GGUF), "transformers" or "llama.cpp". draft_quantization (transformers drafts): "auto" = int8
+    weights on CPUs (half a draft step's memory traffic; exactness untouched), "int8" or "none".
+    context: llama.cpp KV cells per model. offload: the target's layers streamed from pinned CPU
+    memory to the GPU every pass (SpecExec with targets larger than the GPU). deterministic: every
+    method's greedy output equals `ar`'s bit for bit (transformers; refused where this machine's
+    kernels cannot keep it). suffix_history_tokens/suffix_scope: what suffix decoding drafts from.
+    prefix_cache: reuse the KV prefix the next prompt shares with the last request. Details per
+    option: docs/api.md.
     """
     check_history_options(suffix_history_tokens, suffix_scope)  # before any model loads
     from duospec.models.llamacpp import LlamaCppSettings
@@ -740,21 +732,12 @@ def load(
         if source is not None:
             check_source_exists(source)
     target_backend = resolve_backend(backend, target_name, torch_device, deterministic=deterministic)
-    llama = LlamaCppSettings() if context is None else LlamaCppSettings(context=context)
     target_options = LoadOptions(
-        backend=target_backend, device=torch_device, dtype=torch_dtype, threads=threads, llama=llama, attn_implementation=attn_implementation, offload=offload,
-        deterministic=deterministic,
+        backend=target_backend, device=torch_device, dtype=torch_dtype, threads=threads, attn_implementation=attn_implementation, offload=offload,
+        deterministic=deterministic, llama=LlamaCppSettings() if context is None else LlamaCppSettings(context=context),
     )
-    draft_options = None
-    quantization = "none"
-    if draft is not None:
-        chosen = backend if draft_backend is None else draft_backend
-        resolved = resolve_backend(chosen, draft, torch_device)
-        if resolved == "transformers":
-            quantization = resolve_draft_quantization(draft_quantization, torch_device, torch_dtype)
-        elif draft_quantization not in DRAFT_QUANTIZATIONS:
-            raise DuospecError(f"unknown draft quantization {draft_quantization!r}; choose one of: {', '.join(DRAFT_QUANTIZATIONS)}")
-        draft_options = replace(target_options, backend=resolved, threads=draft_threads if draft_threads is not None else threads, quantization=quantization, offload=False, deterministic=False)
+    draft_options = None if draft is None else _draft_options(draft, target_options, backend if draft_backend is None else draft_backend, draft_threads, draft_quantization)
+    quantization = "none" if draft_options is None else draft_options.quantization
     loaded = load_model(target_name, target_options, name=target_name, progress=progress)
     if progress and backend == "auto":
         draft_note = f", draft on {draft_options.backend}" if draft_options is not None else ""
@@ -776,6 +759,22 @@ def load(
         suffix_history_tokens=suffix_history_tokens,
         suffix_scope=suffix_scope,
         prefix_cache=prefix_cache,
+    )
+
+
+def _draft_options(draft: str, target_options: LoadOptions, backend: str, threads: int | None, quantization: str) -> LoadOptions:
+    """How the draft loads: the target's options on the draft's own backend, with its threads and (on
+    transformers) its weight quantisation resolved for this device; never offloaded, never deterministic
+    (the draft's logits only shape proposals, which the target checks)."""
+    resolved = resolve_backend(backend, draft, target_options.device)
+    if resolved == "transformers":
+        quantization = resolve_draft_quantization(quantization, target_options.device, target_options.dtype)
+    elif quantization not in DRAFT_QUANTIZATIONS:
+        raise DuospecError(f"unknown draft quantization {quantization!r}; choose one of: {', '.join(DRAFT_QUANTIZATIONS)}")
+    else:
+        quantization = "none"
+    return replace(
+        target_options, backend=resolved, threads=threads if threads is not None else target_options.threads, quantization=quantization, offload=False, deterministic=False
     )
 
 
