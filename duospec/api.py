@@ -29,7 +29,8 @@ from duospec.config import DRAFT_QUANTIZATIONS, DuospecError, GenerationRequest,
 from duospec.costs import CostTracker, LoadProbe, LoadReading, corrected_draft_step, corrected_target_costs, may_keep_correction, under_load
 from duospec.drafting import METHODS
 from duospec.drafting.suffix import DEFAULT_HISTORY_TOKENS, SuffixDrafter, SuffixHistory, SuffixPolicy, check_history_options
-from duospec.engines.sequential import generate_tokens
+from duospec.engines.in_process import InProcessSource
+from duospec.engines.rounds import generate_tokens
 from duospec.models.base import Model
 from duospec.models.hf import resolve_device, resolve_dtype
 from duospec.models.int8 import int8_kernel_available
@@ -539,7 +540,7 @@ class Pipeline:
         stats = GenerationStats(method=method, prompt_tokens=len(prompt_ids), gamma_auto=gamma is None)
         if isinstance(policy, GammaPolicy) and policy.profile is not None and not policy.could_pay:
             stats.choice_note = cannot_pay_note(policy.profile, policy.draft_step_seconds)
-        chunks = generate_tokens(self.target, drafter, prompt_ids, request, policy, self.eos_ids, stats, self.cost_tracker)
+        chunks = generate_tokens(self.target, InProcessSource(drafter, policy, self.cost_tracker), prompt_ids, request, self.eos_ids, stats)
         stream = GenerationStream(self, chunks, _TextAssembler(self.tokenizer), len(prompt_ids), stats, prompt_ids)
         self._active_stream = stream
         return stream
@@ -635,7 +636,7 @@ class Pipeline:
             print(f"duospec: auto, suffix rounds: {drafter.suffix.policy.describe()}", file=sys.stderr)
             if sd_policy is not None:
                 print(f"duospec: auto, draft-model rounds: {sd_policy.describe()}", file=sys.stderr)
-        chunks = generate_tokens(self.target, drafter, prompt_ids, request, drafter.policy, self.eos_ids, stats, self.cost_tracker)
+        chunks = generate_tokens(self.target, InProcessSource(drafter, drafter.policy, self.cost_tracker), prompt_ids, request, self.eos_ids, stats)
         stream = GenerationStream(self, self._learn_alpha(chunks, stats), _TextAssembler(self.tokenizer), len(prompt_ids), stats, prompt_ids)
         self._active_stream = stream
         return stream
