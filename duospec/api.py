@@ -31,7 +31,8 @@ from duospec.config import DRAFT_QUANTIZATIONS, DuospecError, GenerationRequest,
 from duospec.drafting import method_spec
 from duospec.drafting.specexec import DEFAULT_DEPTH
 from duospec.drafting.suffix import DEFAULT_HISTORY_TOKENS, SuffixDrafter, SuffixHistory, SuffixPolicy, check_history_options
-from duospec.engines.sequential import generate_tokens
+from duospec.engines.in_process import InProcessSource
+from duospec.engines.rounds import generate_tokens
 from duospec.models.base import Model
 from duospec.models.hf import resolve_device, resolve_dtype
 from duospec.models.int8 import int8_kernel_available
@@ -497,7 +498,7 @@ class Pipeline:
         stats = GenerationStats(method=method, prompt_tokens=len(prompt_ids), gamma_auto=gamma is None)
         if isinstance(policy, GammaPolicy) and policy.profile is not None and not policy.could_pay:
             stats.choice_note = cannot_pay_note(policy.profile, policy.draft_step_seconds)
-        chunks = generate_tokens(self.target, drafter, prompt_ids, request, policy, self.eos_ids, stats, self.cost_tracker)
+        chunks = generate_tokens(self.target, InProcessSource(drafter, policy, self.cost_tracker), prompt_ids, request, self.eos_ids, stats)
         stream = GenerationStream(self, chunks, _TextAssembler(self.tokenizer), len(prompt_ids), stats, prompt_ids)
         self._active_stream = stream
         return stream
@@ -594,7 +595,7 @@ class Pipeline:
             print(f"duospec: auto, suffix rounds: {drafter.suffix.policy.describe()}", file=sys.stderr)
             if sd_policy is not None:
                 print(f"duospec: auto, draft-model rounds: {sd_policy.describe()}", file=sys.stderr)
-        chunks = generate_tokens(self.target, drafter, prompt_ids, request, drafter.policy, self.eos_ids, stats, self.cost_tracker)
+        chunks = generate_tokens(self.target, InProcessSource(drafter, drafter.policy, self.cost_tracker), prompt_ids, request, self.eos_ids, stats)
         stream = GenerationStream(self, self._learn_alpha(chunks, stats), _TextAssembler(self.tokenizer), len(prompt_ids), stats, prompt_ids)
         self._active_stream = stream
         return stream

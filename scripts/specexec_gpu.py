@@ -27,7 +27,8 @@ from offload_check import SHAPES, build, log  # noqa: E402  (the same random-wei
 from duospec.budget.tree import TreeBudgetPolicy  # noqa: E402
 from duospec.config import GenerationRequest, SamplingConfig  # noqa: E402
 from duospec.drafting.specexec import SpecExecDrafter  # noqa: E402
-from duospec.engines.sequential import generate_tokens  # noqa: E402
+from duospec.engines.in_process import InProcessSource  # noqa: E402
+from duospec.engines.rounds import generate_tokens  # noqa: E402
 from duospec.models.hf import HFModel  # noqa: E402
 from duospec.models.offload import offload_layers  # noqa: E402
 from duospec.stats import GenerationStats  # noqa: E402
@@ -41,7 +42,7 @@ def run(target: HFModel, draft: HFModel | None, prompt: list[int], method: str, 
     stats = GenerationStats(method=method, prompt_tokens=len(prompt))
     drafter = SpecExecDrafter(draft, target.vocab_size) if method == "specexec" else None
     policy = TreeBudgetPolicy(None, None, fixed_budget=budget) if method == "specexec" else None
-    tokens = [t for chunk in generate_tokens(target, drafter, prompt, request, policy, frozenset(), stats) for t in chunk]
+    tokens = [t for chunk in generate_tokens(target, InProcessSource(drafter, policy), prompt, request, frozenset(), stats) for t in chunk]
     torch.cuda.synchronize()
     return tokens, stats
 

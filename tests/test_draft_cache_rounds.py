@@ -2,8 +2,8 @@
 
 Covered: every method that drafts with a model (`sd`'s ChainDrafter, `multiseq`'s
 MultiSequenceDrafter, `specexec`'s SpecExecDrafter, and `duo`'s draft state SpeculativeChain) on
-each draft backend (transformers HFModel, llama.cpp LlamaCppModel). The real engines
-(`generate_tokens`, `generate_duo`, which call engines/steps.py) drive them until the context
+each draft backend (transformers HFModel, llama.cpp LlamaCppModel). The real round loop
+(`generate_tokens`, with an InProcessSource or a DuoSource) drives them until the context
 ends. After every round, i.e. every yield of the engine (keep and feedback/commit have run),
 `check_cache` asserts two things. First, the draft's cache holds a prefix of the accepted
 context. For duo that means a prefix of the committed tokens plus the chain the draft keeps beyond
@@ -31,7 +31,7 @@ then puts the same rejected tokens back, so the drafter's own crop still has to 
 MultiSequenceDrafter and SpecExecDrafter crop in `feedback`, so for them the whole cache
 (cache_len tokens) must be that prefix.
 
-Duo runs the real `generate_duo` with `InProcessDraft` in place of the draft process. InProcessDraft
+Duo runs the real loop and DuoSource with `InProcessDraft` in place of the draft process. InProcessDraft
 serves the process's begin/take/commit protocol in this process with the child's own state object
 (SpeculativeChain), the way `_serve` does. After each take it drafts 0 to 4 steps ahead, as the
 child does while the target verifies. test_duo.py tests the pipe, shared memory and processes.
@@ -73,8 +73,9 @@ from duospec.drafting.chain import ChainDrafter
 from duospec.drafting.multiseq import MultiSequenceDrafter
 from duospec.drafting.specexec import SpecExecDrafter
 from duospec.engines.draft_process import ChainReply, SpeculativeChain
-from duospec.engines.duo import generate_duo
-from duospec.engines.sequential import generate_tokens
+from duospec.engines.duo import DuoSource
+from duospec.engines.in_process import InProcessSource
+from duospec.engines.rounds import generate_tokens
 from duospec.models import prefix
 from duospec.models.hf import HFModel
 from duospec.models.llamacpp import llama_cpp_available
@@ -264,7 +265,7 @@ def new_counts() -> dict:
 
 
 # ===================================================================================================
-# In-process drafters through the sequential engine
+# In-process drafters through the round loop
 
 
 class Recording:
@@ -305,7 +306,7 @@ DRAFTERS = {
 }
 
 
-def run_sequential(
+def run_in_process(
     method: str, target: HFModel, drafter, draft: DraftUnderTest, sampling: SamplingConfig, first_position: bool = True, prompt: list[int] | None = None, new_tokens: int = 200
 ) -> dict:
     """Generate until the context ends (or `new_tokens` are out), checking the draft cache after every
@@ -324,7 +325,7 @@ def run_sequential(
     context = list(prompt)
     counts = new_counts()
     lazy = isinstance(drafter, ChainDrafter) and not isinstance(drafter, MultiSequenceDrafter)  # crops at its next catch-up
-    for round_, chunk in enumerate(generate_tokens(target, recording, prompt, request, policy, frozenset(), stats)):
+    for round_, chunk in enumerate(generate_tokens(target, InProcessSource(recording, policy), prompt, request, frozenset(), stats)):
         context += chunk
         tree, verdict = recording.tree, recording.verdict
         drafted = 0 if tree is None else tree.n_draft
@@ -412,7 +413,7 @@ def run_duo(
     stats = GenerationStats("duo", len(prompt))
     context = list(prompt)
     counts = new_counts()
-    for round_, chunk in enumerate(generate_duo(target, process, prompt, request, planner, frozenset(), stats, max_sequences=8)):
+    for round_, chunk in enumerate(generate_tokens(target, DuoSource(process, planner, max_sequences=8), prompt, request, frozenset(), stats)):
         context += chunk
         assert state.committed == context  # the draft heard every emitted token
         reply, gamma = process.last_reply, planner.last_gamma
@@ -473,7 +474,7 @@ def check_counts(counts: dict, kind: str, sampling: str, trees: bool = False) ->
 @pytest.mark.parametrize("method", list(DRAFTERS))
 def test_in_process_draft_cache_after_every_round(request, base, method, sampling, kind, backend):
     draft = make_draft(request, backend, kind, trees=method == "specexec")
-    counts = run_sequential(method, target_for(base, kind), DRAFTERS[method](draft.model), draft, SAMPLINGS[sampling])
+    counts = run_in_process(method, target_for(base, kind), DRAFTERS[method](draft.model), draft, SAMPLINGS[sampling])
     check_counts(counts, kind, sampling, trees=method == "specexec")
 
 
@@ -513,13 +514,13 @@ def test_a_second_request_keeps_the_shared_draft_prefix(request, base, method, s
     draft = make_draft(request, backend, "partly", trees=method == "specexec")
     target = target_for(base, "partly")
     first_drafter = DRAFTERS[method](draft.model)
-    first = run_sequential(method, target, first_drafter, draft, SAMPLINGS[sampling], new_tokens=FIRST_NEW_TOKENS)
+    first = run_in_process(method, target, first_drafter, draft, SAMPLINGS[sampling], new_tokens=FIRST_NEW_TOKENS)
     kept = first_drafter._valid  # what the first request's last feedback left valid (and recorded)
     assert draft.model.held_prefix is not None and draft.model.held_prefix.length == kept
     prompt = SECOND_PROMPTS[second](first["context"])
     if backend == "llama.cpp":
         draft.atol = max(draft.atol, LLAMA_REUSED_ATOL)
-    counts = run_sequential(method, target, DRAFTERS[method](draft.model), draft, SAMPLINGS[sampling], prompt=prompt, new_tokens=FIRST_NEW_TOKENS)
+    counts = run_in_process(method, target, DRAFTERS[method](draft.model), draft, SAMPLINGS[sampling], prompt=prompt, new_tokens=FIRST_NEW_TOKENS)
     assert counts["reused"] == expected_draft_reuse(first["context"], prompt, kept) > 100, (counts["reused"], kept)
     assert counts["checked"] >= 2 and counts["partial_checked"] + counts["full_checked"] >= 2, counts
 
@@ -548,12 +549,12 @@ def test_the_check_catches_a_second_request_that_reuses_one_token_too_many(reque
     proposal's check."""
     draft = make_draft(request, "transformers", "partly")
     target = target_for(base, "partly")
-    first = run_sequential("sd", target, ChainDrafter(draft.model, VOCAB), draft, SAMPLINGS["greedy"], new_tokens=FIRST_NEW_TOKENS)
+    first = run_in_process("sd", target, ChainDrafter(draft.model, VOCAB), draft, SAMPLINGS["greedy"], new_tokens=FIRST_NEW_TOKENS)
     prompt = SECOND_PROMPTS["diverges"](first["context"])
     reusable = prefix.reusable
     monkeypatch.setattr(prefix, "reusable", lambda model, tokens: reusable(model, tokens) + (model is draft.model))
     with pytest.raises(AssertionError, match="draft cache|first position"):
-        run_sequential("sd", target, ChainDrafter(draft.model, VOCAB), draft, SAMPLINGS["greedy"], prompt=prompt, new_tokens=FIRST_NEW_TOKENS)
+        run_in_process("sd", target, ChainDrafter(draft.model, VOCAB), draft, SAMPLINGS["greedy"], prompt=prompt, new_tokens=FIRST_NEW_TOKENS)
 
 
 # -- negative controls: wrong drafters fail the same runs -------------------------------------------
@@ -615,7 +616,7 @@ def logit_gap(error: AssertionError) -> float | None:
 def test_the_check_catches_a_wrong_cache_length(request, base, method, wrong, kind, message):
     draft = make_draft(request, "transformers", kind)
     with pytest.raises(AssertionError, match=f"draft cache.*{message}"):
-        run_sequential(method, target_for(base, kind), wrong(draft.model, VOCAB), draft, SAMPLINGS["greedy"])
+        run_in_process(method, target_for(base, kind), wrong(draft.model, VOCAB), draft, SAMPLINGS["greedy"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -624,9 +625,9 @@ def test_the_check_catches_a_catch_up_in_the_wrong_order(request, base, backend)
     catch it: the next proposal's first position, and (with that one off) the cache after the round."""
     draft = make_draft(request, backend, "full")
     with pytest.raises(AssertionError, match="first position.*not the argmax"):
-        run_sequential("sd", target_for(base, "full"), SwapsTheCatchUp(draft.model, VOCAB), draft, SAMPLINGS["greedy"])
+        run_in_process("sd", target_for(base, "full"), SwapsTheCatchUp(draft.model, VOCAB), draft, SAMPLINGS["greedy"])
     with pytest.raises(AssertionError, match="draft cache.*not close") as caught:
-        run_sequential("sd", target_for(base, "full"), SwapsTheCatchUp(draft.model, VOCAB), draft, SAMPLINGS["greedy"], first_position=False)
+        run_in_process("sd", target_for(base, "full"), SwapsTheCatchUp(draft.model, VOCAB), draft, SAMPLINGS["greedy"], first_position=False)
     # Two adjacent cells swapped move these tiny models' logits by only 2e-4 (HF) to 3e-4 (llama.cpp):
     # their attention is nearly uniform over 200 tokens. That is still 20x and 3x the tolerances,
     # and more than 500x the drift measured for a right cache.

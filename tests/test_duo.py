@@ -53,8 +53,8 @@ from duospec.budget.duo import DuoPlanner
 from duospec.budget.model import CostProfile
 from duospec.config import GenerationRequest, SamplingConfig
 from duospec.engines.draft_process import DraftObject, DraftProcess, DraftProcessLost, SpeculativeChain
-from duospec.engines.duo import generate_duo
-from duospec.engines.sequential import generate_tokens
+from duospec.engines.duo import DuoSource
+from duospec.engines.rounds import generate_tokens
 from duospec.models.hf import HFModel
 from duospec.sampling import warp_probs
 from duospec.stats import GenerationStats
@@ -167,15 +167,15 @@ def start_process(draft, vocab_size: int, timeout_s: float = 20.0) -> DraftProce
 def run_ar(target, prompt: list[int], max_new_tokens: int, sampling=SamplingConfig(), eos=frozenset()):
     stats = GenerationStats("ar", len(prompt))
     request = GenerationRequest(method="ar", max_new_tokens=max_new_tokens, sampling=sampling)
-    return [t for chunk in generate_tokens(target, None, prompt, request, None, eos, stats) for t in chunk], stats
+    return [t for chunk in generate_tokens(target, None, prompt, request, eos, stats) for t in chunk], stats
 
 
 def duo_chunks(target, process, prompt, max_new_tokens, planner=None, sampling=SamplingConfig(), eos=frozenset(), max_sequences=8, on_lost=None):
-    """The generator generate_duo returns, and its stats."""
+    """The generator generate_tokens returns for a DuoSource, and its stats."""
     stats = GenerationStats(METHOD, len(prompt))
     request = GenerationRequest(method=METHOD, max_new_tokens=max_new_tokens, sampling=sampling)
     planner = planner or PLANNERS["flat"]()
-    chunks = generate_duo(target, process, prompt, request, planner, eos, stats, on_lost=on_lost, max_sequences=max_sequences)
+    chunks = generate_tokens(target, DuoSource(process, planner, on_lost=on_lost, max_sequences=max_sequences), prompt, request, eos, stats)
     return chunks, stats
 
 

@@ -92,7 +92,8 @@ def test_acceptance_levels_are_what_the_draft_kinds_promise(target):
 def test_always_wrong_drafter_still_gives_ar_output(target):
     from duospec.budget.policy import GammaPolicy
     from duospec.config import GenerationRequest
-    from duospec.engines.sequential import generate_tokens
+    from duospec.engines.in_process import InProcessSource
+    from duospec.engines.rounds import generate_tokens
     from duospec.stats import GenerationStats
 
     pipe = tiny_pipeline(target)
@@ -100,7 +101,7 @@ def test_always_wrong_drafter_still_gives_ar_output(target):
         ids = pipe.encode(prompt)
         stats = GenerationStats("sd", len(ids))
         request = GenerationRequest(method="sd", max_new_tokens=20)
-        chunks = generate_tokens(pipe.target, AlwaysWrongDrafter(target), ids, request, GammaPolicy(None, fixed_gamma=3), pipe.eos_ids, stats)
+        chunks = generate_tokens(pipe.target, InProcessSource(AlwaysWrongDrafter(target), GammaPolicy(None, fixed_gamma=3)), ids, request, pipe.eos_ids, stats)
         tokens = [t for chunk in chunks for t in chunk]
         assert tokens == pipe.generate(prompt, method="ar", max_new_tokens=20).token_ids
         assert stats.accepted_tokens == 0 and stats.drafted_tokens > 0

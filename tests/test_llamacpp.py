@@ -333,7 +333,8 @@ def test_sampled_methods_on_llama_cpp_follow_the_target_law(tmp_path, method):
     from duospec.config import GenerationRequest, SamplingConfig
     from duospec.drafting.chain import ChainDrafter
     from duospec.drafting.lookup import LookupDrafter
-    from duospec.engines.sequential import generate_tokens
+    from duospec.engines.in_process import InProcessSource
+    from duospec.engines.rounds import generate_tokens
     from duospec.stats import GenerationStats
 
     target = tiny_model(seed=11, vocab_size=VOCAB)
@@ -348,7 +349,7 @@ def test_sampled_methods_on_llama_cpp_follow_the_target_law(tmp_path, method):
         drafter = ChainDrafter(draft_llama, VOCAB) if method == "sd" else LookupDrafter()
         request = GenerationRequest(method=method, max_new_tokens=4, sampling=SamplingConfig(temperature=1.0, seed=seed))
         stats = GenerationStats(method, len(PROMPT))
-        tokens = [t for chunk in generate_tokens(target_llama, drafter, PROMPT, request, GammaPolicy(None, fixed_gamma=2), frozenset(), stats) for t in chunk]
+        tokens = [t for chunk in generate_tokens(target_llama, InProcessSource(drafter, GammaPolicy(None, fixed_gamma=2)), PROMPT, request, frozenset(), stats) for t in chunk]
         counts[tokens[1], tokens[2]] += 1
     assert goodness_of_fit(counts, exact_two_token_law(target, sampling)) > 1e-4
 

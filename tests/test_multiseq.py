@@ -32,7 +32,8 @@ from duospec.budget.policy import DraftBudget, GammaPolicy
 from duospec.config import GenerationRequest, SamplingConfig
 from duospec.drafting.chain import ChainDrafter
 from duospec.drafting.multiseq import MAX_SEQUENCES, MultiSequenceDrafter, branch_first_tokens, split_budget, tree_from_sequences
-from duospec.engines.sequential import generate_tokens
+from duospec.engines.in_process import InProcessSource
+from duospec.engines.rounds import generate_tokens
 from duospec.models.hf import HFModel
 from duospec.sampling import choose, warp_probs
 from duospec.stats import GenerationStats
@@ -350,7 +351,7 @@ def run_engine(pipe, drafter, prompt: str, gamma: int, sampling: SamplingConfig,
     ids = pipe.encode(prompt)
     request = GenerationRequest(method="sd", max_new_tokens=max_new_tokens, sampling=sampling)
     stats = GenerationStats("sd", len(ids))
-    chunks = generate_tokens(pipe.target, drafter, ids, request, GammaPolicy(None, fixed_gamma=gamma), pipe.eos_ids, stats)
+    chunks = generate_tokens(pipe.target, InProcessSource(drafter, GammaPolicy(None, fixed_gamma=gamma)), ids, request, pipe.eos_ids, stats)
     return [token for chunk in chunks for token in chunk]
 
 

@@ -325,14 +325,14 @@ def test_tree_drafters_reuse_their_draft_prefix_too(pipelines, method):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_duo_reuses_its_target_prefix_and_its_draft_process_prefix(request, modules, backend):
     """duo's engine (with the draft process's own state served in this process): the target keeps
-    its prefix as the sequential engine does, the draft process keeps its own."""
-    from inprocess_draft import InProcessDraft
-
+    its prefix as with in-process drafters, the draft process keeps its own."""
     from duospec.budget.duo import DuoPlanner
     from duospec.budget.model import CostProfile
     from duospec.config import GenerationRequest, SamplingConfig
-    from duospec.engines.duo import generate_duo
+    from duospec.engines.duo import DuoSource
+    from duospec.engines.rounds import generate_tokens
     from duospec.stats import GenerationStats
+    from inprocess_draft import InProcessDraft
 
     if backend == "transformers":
         make = lambda name: HFModel(modules[name])  # noqa: E731
@@ -345,7 +345,7 @@ def test_duo_reuses_its_target_prefix_and_its_draft_process_prefix(request, modu
     def answer(model, draft, prompt: list[int]) -> tuple[list[int], GenerationStats]:
         planner = DuoPlanner(CostProfile({1: 0.01, 2: 0.01, 4: 0.0105, 8: 0.011}), 0.001, fixed_gamma=4)
         stats = GenerationStats("duo", len(prompt))
-        tokens = [token for chunk in generate_duo(model, draft, prompt, duo_request, planner, frozenset({EOS_ID}), stats) for token in chunk]
+        tokens = [token for chunk in generate_tokens(model, DuoSource(draft, planner), prompt, duo_request, frozenset({EOS_ID}), stats) for token in chunk]
         return tokens, stats
 
     kept: list[int] = []  # draft cache cells each `begin` kept

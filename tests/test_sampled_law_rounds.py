@@ -2,8 +2,8 @@
 
 test_sampling_e2e.py checks new tokens 2 and 3 with a fixed gamma: the first speculative round only.
 Here each method generates its first K = 5 new tokens (token 1 from the prompt's pass, tokens 2..5
-from two or more speculative rounds) many times with fixed seeds, through the real engines
-(`generate_tokens`, `generate_duo`) and the real drafters, while the draft budget changes between
+from two or more speculative rounds) many times with fixed seeds, through the real round loop
+(`generate_tokens`, with an InProcessSource or a DuoSource) and the real drafters, while the draft budget changes between
 rounds: a schedule (chains 1, 3, 2, 1, ...; trees 2, 5, 3, ...) or the production cost-driven
 policies, whose budget follows the online acceptance and the draft's confidences. The target is a
 one-layer float32 Qwen2 (tests/tiny_models.py's config) with an 8-token vocabulary, so the exact law
@@ -15,7 +15,7 @@ round boundary or lie in a later round. Each test also asserts that it exercised
 verified draft sizes that differ within a run, tokens 4 and 5 coming from round 2 or later, later
 rounds that accepted draft tokens, and acceptance neither ~0 nor ~1.
 
-Duo runs its real engine (`generate_duo`) and the child's real state machine (`SpeculativeChain`,
+Duo runs its real source (`DuoSource`) and the child's real state machine (`SpeculativeChain`,
 which drafts ahead, then keeps or rolls back its chain on commit) in this process, behind
 `InProcessDraft`, a stand-in for the pipe of `DraftProcess` that answers `take` as the child's loop
 does. Unlike a real child it drafts ahead a scheduled number of tokens instead of as many as time
@@ -60,8 +60,9 @@ from duospec.drafting.specexec import SpecExecDrafter
 from duospec.drafting.suffix import SuffixDrafter, SuffixHistory, SuffixPolicy
 from duospec.engines import steps
 from duospec.engines.draft_process import ChainReply
-from duospec.engines.duo import generate_duo
-from duospec.engines.sequential import generate_tokens
+from duospec.engines.duo import DuoSource
+from duospec.engines.in_process import InProcessSource
+from duospec.engines.rounds import generate_tokens
 from duospec.models.hf import HFModel
 from duospec.sampling import sample, warp_probs
 from duospec.stats import GenerationStats
@@ -284,14 +285,14 @@ def take_k(chunks) -> list[int]:
     return tokens[:K]
 
 
-def run_sequential(target, drafter, policy, sampling: SamplingConfig, samples: int, first_seed: int = 0):
-    """counts [V] * K of the first K new tokens over seeded runs of the sequential engine."""
+def run_in_process(target, drafter, policy, sampling: SamplingConfig, samples: int, first_seed: int = 0):
+    """counts [V] * K of the first K new tokens over seeded runs of the loop with an in-process drafter."""
     counts = torch.zeros([VOCAB] * K)
     exercise = Exercise()
     for seed in range(first_seed, first_seed + samples):
         request = GenerationRequest(method="sd", max_new_tokens=MAX_NEW, sampling=seeded(sampling, seed))
         stats = GenerationStats("law", len(PROMPT))
-        counts[tuple(take_k(generate_tokens(target, drafter, PROMPT, request, policy, frozenset(), stats)))] += 1
+        counts[tuple(take_k(generate_tokens(target, InProcessSource(drafter, policy), PROMPT, request, frozenset(), stats)))] += 1
         exercise.add(stats)
     if isinstance(drafter, RecordingDrafter):
         exercise.kinds.update(drafter.kinds)
@@ -340,7 +341,7 @@ def run_duo(target, draft_module, planner: DuoPlanner, sampling: SamplingConfig,
     for seed in range(first_seed, first_seed + samples):
         request = GenerationRequest(method="duo", max_new_tokens=MAX_NEW, sampling=seeded(sampling, seed))
         stats = GenerationStats("duo", len(PROMPT))
-        counts[tuple(take_k(generate_duo(target, draft, PROMPT, request, planner, frozenset(), stats)))] += 1
+        counts[tuple(take_k(generate_tokens(target, DuoSource(draft, planner), PROMPT, request, frozenset(), stats)))] += 1
         assert stats.fallback == ""
         exercise.add(stats)
     exercise.kinds["kept past a commit"] += sum(ready > 0 for ready in draft.ready_at_take)
@@ -354,7 +355,7 @@ def run_duo(target, draft_module, planner: DuoPlanner, sampling: SamplingConfig,
 def case_sd(models, sampling, samples, first_seed):
     """sd: chains of 1, 3, 2, 1, ... draft tokens, verified by rejection sampling."""
     _, draft_module, target = models
-    counts, exercise = run_sequential(target, ChainDrafter(HFModel(draft_module), VOCAB), ScheduledBudget(CHAIN_SCHEDULE), sampling, samples, first_seed)
+    counts, exercise = run_in_process(target, ChainDrafter(HFModel(draft_module), VOCAB), ScheduledBudget(CHAIN_SCHEDULE), sampling, samples, first_seed)
     exercise.check()
     return counts
 
@@ -364,7 +365,7 @@ def case_sd_cost(models, sampling, samples, first_seed):
     having a cost) each chain stops where the draft's cumulative confidence falls below the floors."""
     _, draft_module, target = models
     policy = GammaPolicy(FLAT, draft_step_seconds=0.0001, max_gamma=6)
-    counts, exercise = run_sequential(target, ChainDrafter(HFModel(draft_module), VOCAB), policy, sampling, samples, first_seed)
+    counts, exercise = run_in_process(target, ChainDrafter(HFModel(draft_module), VOCAB), policy, sampling, samples, first_seed)
     exercise.check(varied=0.3)
     return counts
 
@@ -373,7 +374,7 @@ def case_pld(models, sampling, samples, first_seed):
     """pld: prompt-lookup chains (one-hot q) of up to 1, 3, 2, ... tokens. A random target rarely
     continues a copy, so fewer later rounds accept."""
     _, _, target = models
-    counts, exercise = run_sequential(target, LookupDrafter(), ScheduledBudget(CHAIN_SCHEDULE), sampling, samples, first_seed)
+    counts, exercise = run_in_process(target, LookupDrafter(), ScheduledBudget(CHAIN_SCHEDULE), sampling, samples, first_seed)
     exercise.check(later_accepting=0.1)
     return counts
 
@@ -383,7 +384,7 @@ def case_multiseq(models, sampling, samples, first_seed):
     ones branch into trees (target-sample matching) when the draft is unsure of the first token."""
     _, draft_module, target = models
     drafter = RecordingDrafter(MultiSequenceDrafter(HFModel(draft_module), VOCAB))
-    counts, exercise = run_sequential(target, drafter, ScheduledBudget(CHAIN_SCHEDULE), sampling, samples, first_seed)
+    counts, exercise = run_in_process(target, drafter, ScheduledBudget(CHAIN_SCHEDULE), sampling, samples, first_seed)
     exercise.check()
     assert exercise.kinds["tree"] > 0.2 * samples and exercise.kinds["chain"] > samples, exercise.kinds
     return counts
@@ -393,7 +394,7 @@ def case_specexec(models, sampling, samples, first_seed):
     """specexec: best-first trees of 2, 5, 3, ... nodes (depth cap 2), target-sample matching."""
     _, draft_module, target = models
     drafter = RecordingDrafter(SpecExecDrafter(HFModel(draft_module), VOCAB, depth=2))
-    counts, exercise = run_sequential(target, drafter, ScheduledBudget(TREE_SCHEDULE, tree=True), sampling, samples, first_seed)
+    counts, exercise = run_in_process(target, drafter, ScheduledBudget(TREE_SCHEDULE, tree=True), sampling, samples, first_seed)
     exercise.check()
     assert exercise.kinds["tree"] > samples, exercise.kinds
     return counts
@@ -413,7 +414,7 @@ def case_suffix(models, sampling, samples, first_seed):
     (sized by the cost policy, calibrated online), verified by target-sample matching."""
     _, _, target = models
     drafter = RecordingDrafter(SuffixDrafter(suffix_history(), SuffixPolicy(FLAT, max_nodes=6)))
-    counts, exercise = run_sequential(target, drafter, drafter.inner.policy, sampling, samples, first_seed)
+    counts, exercise = run_in_process(target, drafter, drafter.inner.policy, sampling, samples, first_seed)
     exercise.check(varied=0.3, later_accepting=0.1)
     assert exercise.kinds["tree"] > 0.5 * samples, exercise.kinds
     return counts
@@ -427,7 +428,7 @@ def case_auto(models, sampling, samples, first_seed):
     # model gets the rounds where nothing repeats.
     auto = AutoDrafter(SuffixDrafter(None, SuffixPolicy(FLAT, max_nodes=4)), ChainDrafter(HFModel(draft_module), VOCAB), GammaPolicy(FLAT, 0.0001, max_gamma=4))
     drafter = RecordingDrafter(auto)
-    counts, exercise = run_sequential(target, drafter, auto.policy, sampling, samples, first_seed)
+    counts, exercise = run_in_process(target, drafter, auto.policy, sampling, samples, first_seed)
     exercise.check(varied=0.3)
     assert exercise.kinds["suffix"] > 0.5 * samples and exercise.kinds["sd"] > 0.5 * samples, exercise.kinds
     return counts
@@ -535,7 +536,7 @@ class CutAtAnUnsureToken:
 
 def control_p_values(models, drafter, sampling: SamplingConfig, samples: int) -> list[float]:
     target_module, _, target = models
-    counts, exercise = run_sequential(target, drafter, ScheduledBudget(CHAIN_SCHEDULE), sampling, samples)
+    counts, exercise = run_in_process(target, drafter, ScheduledBudget(CHAIN_SCHEDULE), sampling, samples)
     assert exercise.later_accepting > 0.3 * samples  # the biased runs are multi-round runs too
     return pair_p_values(counts, exact_law(target_module, sampling), require_support=False)
 
@@ -573,7 +574,7 @@ def test_the_check_rejects_a_tree_verifier_that_over_accepts(models, monkeypatch
     monkeypatch.setattr(steps, "walk", walk_accepting_a_first_child)
     target_module, _, target = models
     drafter = SuffixDrafter(suffix_history(), SuffixPolicy(FLAT, max_nodes=6))
-    counts, exercise = run_sequential(target, drafter, drafter.policy, WARPED, CONTROL_SAMPLES)
+    counts, exercise = run_in_process(target, drafter, drafter.policy, WARPED, CONTROL_SAMPLES)
     assert exercise.drafted > CONTROL_SAMPLES
     p_values = pair_p_values(counts, exact_law(target_module, WARPED), require_support=False)
     assert max(p_values) < 1e-6, p_values
@@ -683,7 +684,7 @@ def sure_models():
 
 @pytest.mark.slow
 def test_duo_law_with_the_cost_driven_planner_when_one_token_does_not_pay(sure_models):
-    """End to end through generate_duo: the production DuoPlanner on ONE_DOES_NOT_PAY. (The same
+    """End to end through the loop and DuoSource: the production DuoPlanner on ONE_DOES_NOT_PAY. (The same
     models and engine with the flat curve pass: test_duo_law_with_the_cost_driven_planner_on_sure_models.)"""
     target_module, draft_module, target = sure_models
     counts, exercise = run_duo(target, draft_module, DuoPlanner(ONE_DOES_NOT_PAY, 0.001, max_gamma=2), PLAIN, DUO_SAMPLES, ahead=(0,))

@@ -22,7 +22,8 @@ from duospec.budget.policy import GammaPolicy
 from duospec.config import GenerationRequest, SamplingConfig
 from duospec.drafting.chain import ChainDrafter
 from duospec.drafting.lookup import LookupDrafter
-from duospec.engines.sequential import generate_tokens
+from duospec.engines.in_process import InProcessSource
+from duospec.engines.rounds import generate_tokens
 from duospec.models.hf import HFModel
 from duospec.sampling import warp_probs
 from duospec.stats import GenerationStats
@@ -70,7 +71,7 @@ def sample_two_tokens(target, drafter, sampling: SamplingConfig, gamma: int, len
         request = GenerationRequest(method="sd", max_new_tokens=4, sampling=seeded, lenience=lenience)
         policy = GammaPolicy(None, fixed_gamma=gamma) if drafter is not None else None
         stats = GenerationStats("x", len(PROMPT))
-        tokens = [t for chunk in generate_tokens(target_model, drafter, PROMPT, request, policy, frozenset(), stats) for t in chunk]
+        tokens = [t for chunk in generate_tokens(target_model, InProcessSource(drafter, policy), PROMPT, request, frozenset(), stats) for t in chunk]
         counts[tokens[1], tokens[2]] += 1
     return counts
 

@@ -36,7 +36,8 @@ from duospec.budget.tree import CANDIDATE_BUDGETS, TreeBudgetPolicy, accepted_no
 from duospec.config import DuospecError, GenerationRequest, SamplingConfig
 from duospec.drafting.specexec import MAX_CHILDREN, SpecExecDrafter, TreeSearch, _Pool, cap_leaves
 from duospec.engines import steps
-from duospec.engines.sequential import generate_tokens
+from duospec.engines.in_process import InProcessSource
+from duospec.engines.rounds import generate_tokens
 from duospec.models.hf import HFModel
 from duospec.models.llamacpp import llama_cpp_available
 from duospec.sampling import warp_probs
@@ -542,7 +543,7 @@ def run_specexec(target_model, draft_model, prompt_ids: list[int], budget: int, 
     request = GenerationRequest(method="specexec", max_new_tokens=max_new_tokens, tree_budget=budget, tree_depth=depth)
     stats = GenerationStats("specexec", len(prompt_ids))
     policy = TreeBudgetPolicy(None, None, depth=depth, fixed_budget=budget)
-    tokens = [t for chunk in generate_tokens(target_model, recorder, prompt_ids, request, policy, frozenset({EOS_ID}), stats) for t in chunk]
+    tokens = [t for chunk in generate_tokens(target_model, InProcessSource(recorder, policy), prompt_ids, request, frozenset({EOS_ID}), stats) for t in chunk]
     return tokens, stats, recorder
 
 
@@ -550,7 +551,7 @@ def check_identity(target_model, draft_model, draft_kind: str, cap: int | None) 
     pipe_ids = [tiny_tokenizer()(prompt)["input_ids"] for prompt in PROMPTS]
     recorder = RecordingDrafter(None)
     for ids in pipe_ids:
-        ar = [t for chunk in generate_tokens(target_model, None, ids, GenerationRequest(method="ar", max_new_tokens=20), None, frozenset({EOS_ID}), GenerationStats("ar", len(ids))) for t in chunk]
+        ar = [t for chunk in generate_tokens(target_model, None, ids, GenerationRequest(method="ar", max_new_tokens=20), frozenset({EOS_ID}), GenerationStats("ar", len(ids))) for t in chunk]
         for budget, depth in SEARCHES:
             tokens, stats, _ = run_specexec(target_model, draft_model, ids, budget, depth, recorder=recorder)
             assert tokens == ar, f"{draft_kind} budget={budget} depth={depth} prompt={ids}"
@@ -608,7 +609,7 @@ def test_llama_cpp_draft_with_few_sequences_stops_growing_and_stays_exact(gguf_f
     draft = LlamaCppModel(gguf_files["perturbed"], LlamaCppSettings(context=256, batch=64, sequences=4, threads=1))
     ids = tiny_tokenizer()(PROMPTS[0])["input_ids"]
     target_model = HFModel(target)
-    ar = [t for chunk in generate_tokens(target_model, None, ids, GenerationRequest(method="ar", max_new_tokens=20), None, frozenset({EOS_ID}), GenerationStats("ar", len(ids))) for t in chunk]
+    ar = [t for chunk in generate_tokens(target_model, None, ids, GenerationRequest(method="ar", max_new_tokens=20), frozenset({EOS_ID}), GenerationStats("ar", len(ids))) for t in chunk]
     tokens, _, few = run_specexec(target_model, draft, ids, 32, None)
     assert tokens == ar
     _, _, many = run_specexec(target_model, LlamaCppModel(gguf_files["perturbed"], SETTINGS), ids, 32, None)
@@ -667,14 +668,14 @@ def test_specexec_runs_to_the_context_end(request, target, kind):
     target_model, draft = context_end_models(kind, target, lambda: request.getfixturevalue("gguf_files"))
     prompt = torch.randint(2, 62, (target_model.max_context - 40,), generator=torch.Generator().manual_seed(0)).tolist()
     ar_stats = GenerationStats("ar", len(prompt))
-    ar = [t for chunk in generate_tokens(target_model, None, prompt, GenerationRequest(method="ar", max_new_tokens=100), None, frozenset(), ar_stats) for t in chunk]
+    ar = [t for chunk in generate_tokens(target_model, None, prompt, GenerationRequest(method="ar", max_new_tokens=100), frozenset(), ar_stats) for t in chunk]
     assert ar_stats.finish_reason == "context"
     for budget, depth in ((16, 3), (14, 4), (32, None)):
         drafter = SpecExecDrafter(draft, VOCAB, max_leaves=target_model.max_tree_leaves, depth=depth)
         request_ = GenerationRequest(method="specexec", max_new_tokens=100, tree_budget=budget, tree_depth=depth)
         stats = GenerationStats("specexec", len(prompt))
         policy = TreeBudgetPolicy(None, None, depth=depth, fixed_budget=budget)
-        tokens = [t for chunk in generate_tokens(target_model, drafter, prompt, request_, policy, frozenset(), stats) for t in chunk]
+        tokens = [t for chunk in generate_tokens(target_model, InProcessSource(drafter, policy), prompt, request_, frozenset(), stats) for t in chunk]
         assert tokens == ar, (kind, budget, depth)
         assert stats.finish_reason == "context"
 
@@ -875,7 +876,7 @@ def sample_two_tokens(target_model, draft_model, sampling: SamplingConfig, sampl
         request = GenerationRequest(method="specexec", max_new_tokens=8, sampling=seeded, tree_budget=6, tree_depth=2)
         stats = GenerationStats("specexec", len(E2E_PROMPT))
         tokens: list[int] = []
-        for chunk in generate_tokens(target_model, drafter, E2E_PROMPT, request, TreeBudgetPolicy(None, None, depth=2, fixed_budget=6), frozenset(), stats):
+        for chunk in generate_tokens(target_model, InProcessSource(drafter, TreeBudgetPolicy(None, None, depth=2, fixed_budget=6)), E2E_PROMPT, request, frozenset(), stats):
             tokens += chunk
             if len(tokens) >= 3:
                 break  # closes the generator: tokens 2 and 3 came from one or two tree rounds

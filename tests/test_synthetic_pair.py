@@ -41,21 +41,12 @@ from law_checks import goodness_of_fit
 from duospec.budget.duo import DuoPlanner
 from duospec.budget.model import CostProfile
 from duospec.config import GenerationRequest, SamplingConfig
-from duospec.engines.duo import generate_duo
-from duospec.engines.sequential import generate_tokens
+from duospec.engines.duo import DuoSource
+from duospec.engines.rounds import generate_tokens
 from duospec.models.hf import HFModel
 from duospec.sampling import warp_probs
 from duospec.stats import GenerationStats
-from duospec.synthetic import (
-    SHAPES,
-    build_model,
-    build_pair,
-    calibrate_mix,
-    chain_acceptance,
-    measure_alpha,
-    random_prompts,
-    synthetic_pipeline,
-)
+from duospec.synthetic import SHAPES, build_model, build_pair, calibrate_mix, chain_acceptance, measure_alpha, random_prompts, synthetic_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPHAS = (0.6, 0.8, 0.9)
@@ -87,7 +78,7 @@ def calibrated(pair) -> dict[float, tuple[float, float]]:
 def run_ar(target, prompt: list[int], new_tokens: int) -> list[int]:
     stats = GenerationStats("ar", len(prompt))
     request = GenerationRequest(method="ar", max_new_tokens=new_tokens, sampling=SamplingConfig())
-    return [t for chunk in generate_tokens(target, None, prompt, request, None, frozenset(), stats) for t in chunk]
+    return [t for chunk in generate_tokens(target, None, prompt, request, frozenset(), stats) for t in chunk]
 
 
 # ===================================================================================================
@@ -141,7 +132,7 @@ def test_greedy_duo_equals_ar_at_every_calibrated_alpha(pair, calibrated):
                 draft = InProcessDraft(HFModel(pair.draft, "synthetic-draft"), target.vocab_size, ahead=lambda round_: (0, 3, 1, 5, 2)[round_ % 5])
                 stats = GenerationStats("duo", len(prompt))
                 request = GenerationRequest(method="duo", max_new_tokens=40, sampling=SamplingConfig())
-                chunks = generate_duo(target, draft, prompt, request, DuoPlanner(FLAT, 0.001), frozenset(), stats, max_sequences=max_sequences)
+                chunks = generate_tokens(target, DuoSource(draft, DuoPlanner(FLAT, 0.001), max_sequences=max_sequences), prompt, request, frozenset(), stats)
                 tokens = [t for chunk in chunks for t in chunk]
                 assert tokens == reference, f"alpha {alpha} prompt seed {seed} max_sequences {max_sequences}"
                 assert stats.fallback == ""
@@ -185,7 +176,7 @@ def test_sampled_duo_keeps_the_target_law():
         sampling = SamplingConfig(LAW_SAMPLING.temperature, LAW_SAMPLING.top_k, LAW_SAMPLING.top_p, seed)
         stats = GenerationStats("duo", len(LAW_PROMPT))
         request = GenerationRequest(method="duo", max_new_tokens=32, sampling=sampling)
-        chunks = generate_duo(target, draft, LAW_PROMPT, request, DuoPlanner(FLAT, 0.001), frozenset(), stats, max_sequences=1)
+        chunks = generate_tokens(target, DuoSource(draft, DuoPlanner(FLAT, 0.001), max_sequences=1), LAW_PROMPT, request, frozenset(), stats)
         tokens: list[int] = []
         try:
             for chunk in chunks:

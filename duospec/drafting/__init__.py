@@ -49,8 +49,9 @@ class MethodSpec:
     needs_draft_model: bool
     # make_drafter(draft_model_or_None, target_model, request) -> Drafter or None (plain autoregressive)
     make_drafter: Callable[[object | None, object, object], Drafter | None]
-    # "sequential" (engines/sequential.py, chain budget), "tree" (the same engine with SpecExec's node
-    # budget), "suffix" (the same engine, a tree sized by the suffix policy), "duo" (engines/duo.py) or "auto"
+    # How the method starts (api.py): "sequential" (a drafter and its chain budget, in this process),
+    # "tree" (SpecExec's node budget), "suffix" (a tree sized by the suffix policy), "duo" (the draft
+    # process, engines/duo.py) or "auto"; every one runs through engines/rounds.py
     engine: str = "sequential"
 
 

@@ -86,18 +86,15 @@ class ChainDrafter:
         while budget.allows(len(tokens) - 1, confidence):
             if logits is None:  # feed the previous draft token only now that another one is wanted
                 logits = self.model.forward(tokens[-1], last_only=True)
-            logits = self._fit_vocab(logits)
+            logits = fit_vocab(logits, self.target_vocab_size)
+            token, probs = choose_draft_token(logits, sampling, generator)
             # Only a budget with confidence floors reads the confidence, and not after its last token.
-            wants_confidence = bool(budget.confidence_floors) and len(tokens) < budget.max_tokens
-            if sampling.is_greedy:
-                top, token = logits.max(-1)  # [1], [1]
-                # The top probability, exp(max - logsumexp), without materialising a softmax.
-                chosen = torch.exp(top - torch.logsumexp(logits, -1)) if wants_confidence else None
-            else:
-                probs = warp_probs(logits, sampling)  # [1, V]
-                token = sample(probs, generator)
+            chosen = None
+            if budget.confidence_floors and len(tokens) < budget.max_tokens:
+                # Greedy: the top probability, exp(max - logsumexp), without materialising a softmax.
+                chosen = torch.exp(logits[0, token] - torch.logsumexp(logits, -1)) if probs is None else probs[0, token[0]]
+            if probs is not None:
                 draft_rows.append(probs)
-                chosen = probs[0, token[0]] if wants_confidence else None
             tokens.append(token)
             logits = None
             if chosen is not None:
@@ -132,12 +129,25 @@ class ChainDrafter:
         pending = torch.tensor(context[valid:], device=self.model.device)
         return self.model.forward(pending, last_only=True)
 
-    def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        """Match the target's logit width: drop ids the target cannot emit, or pad with -inf."""
-        width = logits.shape[-1]
-        if width == self.target_vocab_size:
-            return logits
-        if width > self.target_vocab_size:
-            return logits[..., : self.target_vocab_size]
-        pad = logits.new_full((*logits.shape[:-1], self.target_vocab_size - width), float("-inf"))
-        return torch.cat([logits, pad], dim=-1)
+
+def fit_vocab(logits: torch.Tensor, width: int) -> torch.Tensor:
+    """Match the target's logit width: drop ids the target cannot emit, or pad with -inf (a draft's
+    vocabulary may be padded to another size than the target's)."""
+    have = logits.shape[-1]
+    if have == width:
+        return logits
+    if have > width:
+        return logits[..., :width]
+    return torch.cat([logits, logits.new_full((*logits.shape[:-1], width - have), float("-inf"))], dim=-1)
+
+
+def choose_draft_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A chain's next draft token after `logits` [1, V] (fitted to the target's vocabulary): the
+    argmax when greedy, else a draw from the warped law, returned with that law [1, V] (the q row
+    rejection sampling needs; None when greedy, whose law is one-hot). Every model chain is drafted
+    by this rule, in this process and in duo's draft process (engines/draft_process.py), so the two
+    cannot drift apart in what q is. Returns ([1] int64, [1, V] or None)."""
+    if sampling.is_greedy:
+        return logits.argmax(-1), None
+    probs = warp_probs(logits, sampling)
+    return sample(probs, generator), probs

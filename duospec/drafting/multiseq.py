@@ -27,9 +27,9 @@ import torch
 
 from duospec.budget.policy import DraftBudget
 from duospec.config import SamplingConfig
-from duospec.drafting.chain import ChainDrafter
+from duospec.drafting.chain import ChainDrafter, choose_draft_token, fit_vocab
 from duospec.models.base import Model
-from duospec.sampling import sample, warp_probs
+from duospec.sampling import warp_probs
 from duospec.tree import TokenTree
 from duospec.verify import Verdict
 
@@ -207,17 +207,17 @@ class MultiSequenceDrafter(ChainDrafter):
         device = self.model.device
         root = torch.tensor([context[-1]], device=device)
         self._context = context
-        first_logits = self._fit_vocab(self._catch_up(context))  # [1, V]: the draft's law after the root
-        if sampling.is_greedy:
+        first_logits = fit_vocab(self._catch_up(context), self.target_vocab_size)  # [1, V]: the draft's law after the root
+        main, probs = choose_draft_token(first_logits, sampling, generator)  # [1]: the token ChainDrafter would take
+        if probs is None:  # greedy
             first_logprobs = draft_logprobs(first_logits, sampling)[0]  # [V]
-            main = top = first_logits.argmax(-1)  # [1], the argmax ChainDrafter takes
+            top = main
             first_rows: list[torch.Tensor] = []
         else:
-            probs = warp_probs(first_logits, sampling)  # [1, V]
             first_logprobs = torch.log(probs[0])  # [V], = draft_logprobs without warping twice
-            top, main = probs.argmax(-1), sample(probs, generator)  # [1] each
+            top = probs.argmax(-1)  # [1]
             first_rows = [probs]
-        second_logits: torch.Tensor | None = self._fit_vocab(self.model.forward(top, last_only=True))  # [1, V]
+        second_logits: torch.Tensor | None = fit_vocab(self.model.forward(top, last_only=True), self.target_vocab_size)  # [1, V]
         second_top = draft_logprobs(second_logits, sampling).amax()  # []: theta stays on the device
         first_tokens = branch_first_tokens(first_logprobs, second_top, main[0], most)
         if not sampling.is_greedy and first_tokens[0] != int(top[0]):

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from duospec.config import DuospecError, SamplingConfig
+from duospec.drafting.chain import choose_draft_token, fit_vocab
 from duospec.models.prefix import common_prefix
 
 # Opcodes (one byte) of messages to the child ...
@@ -369,23 +370,16 @@ class SpeculativeChain:
         sequence = self.committed + self.chain
         cached = self.model.cache_len
         pending = torch.tensor(sequence[cached:], device=self.model.device)
-        logits = self.model.forward(pending, last_only=True)
-        logits = _fit_vocab(logits, self.vocab_size)
-        if self.sampling.is_greedy:
+        logits = fit_vocab(self.model.forward(pending, last_only=True), self.vocab_size)
+        token, probs = choose_draft_token(logits, self.sampling, self.generator)  # the in-process chain's rule
+        if probs is None:  # greedy: the ranked first tokens, for `alternatives`, and the top one's probability
             logprobs, ranked = torch.topk(torch.log_softmax(logits[0].float(), -1), MAX_SEQUENCES + 1)
-            token = ranked[:1]
             self.tops.append((ranked.tolist(), logprobs.tolist()))
             confidence = math.exp(self.tops[-1][1][0])
-            row = None
         else:
-            from duospec.sampling import sample, warp_probs
-
-            probs = warp_probs(logits, self.sampling)
-            token = sample(probs, self.generator)
-            row = probs[0]
-            confidence = float(row[token[0]])
+            confidence = float(probs[0, token[0]])
         self.chain.append(int(token[0]))
-        self.rows.append(row)
+        self.rows.append(None if probs is None else probs[0])
         self.confidences.append(confidence)
         if len(pending) == 1:  # prefill and catch-up steps are not what a draft step costs
             self.step_seconds.append(time.perf_counter() - start)
@@ -439,16 +433,6 @@ class SpeculativeChain:
             rows = torch.stack(self.rows[:count]).to("cpu", torch.float32).contiguous()
             target = np.frombuffer(buffer, dtype=np.float32, count=count * self.vocab_size)
             target[:] = rows.numpy().reshape(-1)
-
-
-def _fit_vocab(logits: torch.Tensor, width: int) -> torch.Tensor:
-    """Match the target's logit width: drop ids it cannot emit, or pad with -inf."""
-    have = logits.shape[-1]
-    if have == width:
-        return logits
-    if have > width:
-        return logits[..., :width]
-    return torch.cat([logits, logits.new_full((*logits.shape[:-1], width - have), float("-inf"))], dim=-1)
 
 
 def _die_with_parent() -> None:

@@ -1,11 +1,12 @@
 """DuoDecoding: the draft drafts in its own process while the target verifies (DESIGN.md 1.3).
 
-Each round the target takes the chain the draft process has ready (waiting only for as many tokens as
-sequential drafting would pay for), optionally widened into a tree by alternative first tokens
-(dynamic multi-sequence drafting, `drafting/multiseq.py`), and runs the shared steps on it:
-score, accept, keep, emit (`engines/steps.py`). While it scores, the draft process keeps drafting as
-if the whole chain were accepted, its guess of the target's next token included; `commit` tells it what
-was emitted, and it either goes on or rolls back.
+`DuoSource` is the round loop's source (engines/rounds.py) for `duo`: each round the target takes the
+chain the draft process has ready (waiting only for as many tokens as sequential drafting would pay
+for), optionally widened into a tree by alternative first tokens (dynamic multi-sequence drafting,
+`drafting/multiseq.py`), and the loop scores, accepts, keeps and emits it like any other method's.
+While the target scores, the draft process keeps drafting as if the whole chain were accepted, its
+guess of the target's next token included; `commit` tells it what was emitted, and it either goes on
+or rolls back.
 
 If the draft process dies, hangs or breaks, the generation continues without it (plain target
 steps, the same tokens: every emitted token is the target's choice in both cases) and one warning says
@@ -16,20 +17,24 @@ from __future__ import annotations
 
 import os
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from duospec.budget.duo import DuoPlanner
-from duospec.config import GenerationRequest
+from duospec.config import SamplingConfig
+from duospec.drafting.multiseq import tree_from_sequences
 from duospec.engines import steps
-from duospec.engines.draft_process import ChainReply, DraftProcess, DraftProcessLost
+from duospec.engines.draft_process import MAX_SEQUENCES, DraftProcess, DraftProcessLost
+from duospec.engines.source import Round
 from duospec.models.base import Model
 from duospec.stats import GenerationStats
 from duospec.tree import TokenTree
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -113,133 +118,107 @@ def _set_thread_affinities(masks: dict[int, set[int]]) -> None:
             pass
 
 
-def generate_duo(
-    target: Model,
-    draft: DraftProcess | None,
-    prompt_ids: list[int],
-    request: GenerationRequest,
-    planner: DuoPlanner,
-    eos_ids: frozenset[int],
-    stats: GenerationStats,
-    on_lost=None,
-    max_sequences: int = 8,
-    timeline: list | None = None,
-    reuse_draft: bool = True,
-) -> Iterator[list[int]]:
-    """Yield each round's new tokens, the draft drafting in its own process meanwhile.
+class DuoSource:
+    """The rounds' trees from a draft process (DraftProcess, or a stand-in with its begin, commit,
+    take and park) sized by a DuoPlanner.
 
-    on_lost(error) is called once if the draft process is lost; the generation then goes on alone.
-    timeline, when a list, receives ("wait" | "target", start, end) perf_counter intervals (plots).
-    reuse_draft: the draft process keeps the prefix it shares with its last sequence (else it resets;
-    the target's own reuse follows its record, models/prefix.py).
+    It owns the draft process's loss: whichever request finds the process lost, the source warns
+    once, records stats.fallback, calls on_lost (the runtime closes the process) and from then on
+    proposes nothing, so the loop goes on with the target alone and the same tokens. A process that
+    is None from the start (it failed to start) drafts nothing either, without a fallback to report.
+
+    max_sequences: sequences per greedy round, the chain included (alternative first tokens widen it
+    into a tree; sampled rounds are single chains). reuse: the draft process keeps the prefix it shares
+    with its last sequence (else it resets; the target's own reuse follows its record, models/prefix.py).
     """
-    sampling = request.sampling
-    generator = steps.make_generator(sampling.seed, target.device)
-    reused = steps.reuse_prefix(target, prompt_ids, stats)  # the prefix shared with the last request stays cached
-    planner.reset()
 
-    def lose(error: DraftProcessLost) -> None:
-        nonlocal draft
-        draft = None
-        stats.fallback = str(error)
-        if on_lost is not None:
-            on_lost(error)
+    drafts = True
 
-    try:
-        if draft is not None:
+    def __init__(
+        self,
+        process: DraftProcess | None,
+        planner: DuoPlanner,
+        max_sequences: int = MAX_SEQUENCES,
+        reuse: bool = True,
+        on_lost: Callable[[DraftProcessLost], None] | None = None,
+    ) -> None:
+        self.process = process
+        self.planner = planner
+        self.max_sequences = max_sequences
+        self.reuse = reuse
+        self.on_lost = on_lost
+        self._first_round = True
+        self._predicted = 0.0  # accepted draft tokens the planner predicted for this round's tree
+
+    def begin(self, prompt_ids: list[int], sampling: SamplingConfig, generator: torch.Generator, stats: GenerationStats) -> None:
+        """The draft process prefills the prompt while the target does (its own seed stream)."""
+        self.sampling, self.stats = sampling, stats
+        self._first_round = True
+        self.planner.reset()
+        self._ask(lambda process: process.begin(prompt_ids, sampling, steps.derived_seed(sampling.seed, 2), reuse=self.reuse))
+
+    def propose(self, context: list[int], room: int, cells: int) -> TokenTree | None:
+        """The chain the draft has ready, waiting only for as many tokens as sequential drafting would
+        pay for, cut where the planner finds it stops paying, plus the alternative first tokens that
+        pay for their place."""
+        first_round, self._first_round = self._first_round, False
+        self._predicted = 0.0
+        if room <= 0:
+            return None
+        greedy = self.sampling.is_greedy
+        reply = self._ask(
+            lambda process: process.take(
+                self.planner.wait_for(first_round), min(room, self.planner.max_gamma), sampled=not greedy, max_sequences=self.max_sequences if greedy else 1
+            )
+        )
+        if reply is None:
+            return None
+        gamma, predicted = self.planner.choose_chain(reply.confidences[:room])
+        if gamma == 0:
+            return None
+        root, chain = context[-1], reply.tokens[:gamma]
+        alternatives = self.planner.choose_alternatives(list(reply.alternatives), list(reply.alternative_probs), gamma, self.max_sequences - 1)
+        if alternatives:
+            self._predicted = predicted + sum(reply.alternative_probs[: len(alternatives)])
+            return tree_from_sequences(root, [chain, *([token] for token in alternatives)])
+        self._predicted = predicted
+        probs = None if greedy or reply.draft_probs is None else reply.draft_probs[:gamma]
+        return TokenTree.chain(torch.tensor([root, *chain]), probs)
+
+    def commit(self, tokens: list[int]) -> None:
+        """The draft process keeps its chain where it guessed `tokens`, else rolls back (it drafts on
+        meanwhile as if the whole chain were accepted)."""
+        self._ask(lambda process: process.commit(tokens))
+
+    def observe(self, outcome: Round) -> None:
+        """The planner learns the pass's real time, the acceptance rates and its confidences' calibration."""
+        tree = outcome.tree
+        self.planner.observe_pass(tree.n_nodes, outcome.target_wall_seconds)
+        if tree.n_draft:
+            self.planner.observe(self._predicted, tree.n_draft, outcome.verdict.n_accepted)
+            self.stats.alpha_estimate = self.planner.calibration
+
+    def end(self) -> None:
+        """The draft process stops drafting ahead and stays loaded for the next generation."""
+        if self.process is not None:
             try:
-                draft.begin(prompt_ids, sampling, steps.derived_seed(sampling.seed, 2), reuse=reuse_draft)
-            except DraftProcessLost as error:
-                lose(error)
-        prefill_start = time.perf_counter()
-        first_token = steps.prefill(target, prompt_ids, sampling, generator, stats, reused)
-        if timeline is not None:
-            timeline.append(("prefill", prefill_start, time.perf_counter()))
-        progress = steps.Progress([*prompt_ids, first_token], 1, target.max_context or (len(prompt_ids) + request.max_new_tokens + 1))
-        steps.hold(target, progress)
-        if draft is not None:
-            try:
-                draft.commit([first_token])
-            except DraftProcessLost as error:
-                lose(error)
-        yield [first_token]
-        if first_token in eos_ids:
-            stats.finish("eos")
-            return
-
-        first_round = True
-        while True:
-            room, ended = progress.room(request)
-            if ended:
-                stats.finish(ended)
-                return
-            # 1. the draft's ready chain (waiting only for what sequential drafting would pay for)
-            start = time.perf_counter()
-            tree, predicted = steps.root_only(progress.context, target.device), 0.0
-            if draft is not None and room > 0:
-                try:
-                    reply = draft.take(
-                        planner.wait_for(first_round),
-                        min(room, planner.max_gamma),
-                        sampled=not sampling.is_greedy,
-                        max_sequences=max_sequences if sampling.is_greedy else 1,
-                    )
-                    tree, predicted = _plan_tree(progress.context[-1], reply, planner, room, sampling.is_greedy, max_sequences, target.device)
-                except DraftProcessLost as error:
-                    lose(error)
-            stats.draft_seconds += time.perf_counter() - start  # the target's wait for the draft
-            if timeline is not None:
-                timeline.append(("wait", start, time.perf_counter()))
-            first_round = False
-
-            # 2-4. score, accept, keep (the draft drafts on meanwhile)
-            pass_start = time.perf_counter()
-            logits = steps.score(target, tree, stats)
-            verdict = steps.accept(tree, logits, request, generator, stats)
-            steps.keep(target, verdict, progress)
-            planner.observe_pass(tree.n_nodes, time.perf_counter() - pass_start)
-            if timeline is not None:
-                timeline.append(("target", pass_start, time.perf_counter()))
-            if draft is not None:
-                try:
-                    draft.commit(verdict.tokens)
-                except DraftProcessLost as error:
-                    lose(error)
-
-            # 5. learn, emit
-            if tree.n_draft:
-                planner.observe(predicted, tree.n_draft, verdict.n_accepted)
-                stats.alpha_estimate = planner.calibration
-            kept, reason = steps.emit(tree, verdict, progress, request, eos_ids, stats, drafted=True)
-            yield kept
-            if reason:
-                stats.finish(reason)
-                return
-    finally:
-        if draft is not None:
-            try:
-                draft.park()
+                self.process.park()
             except DraftProcessLost:
-                pass
+                pass  # the generation is over: nothing went on without the draft
 
-
-def _plan_tree(
-    root: int, reply: ChainReply, planner: DuoPlanner, room: int, greedy: bool, max_sequences: int, device: torch.device
-) -> tuple[TokenTree, float]:
-    """The tree this round verifies: the chain prefix the planner finds worth its pass, plus the
-    alternative first tokens that pay for their place; and the accepted tokens it predicts."""
-    gamma, predicted = planner.choose_chain(reply.confidences[:room])
-    if gamma == 0:
-        return TokenTree.chain(torch.tensor([root], device=device)), 0.0
-    chain = reply.tokens[:gamma]
-    alternatives = planner.choose_alternatives(list(reply.alternatives), list(reply.alternative_probs), gamma, max_sequences - 1)
-    if alternatives:
-        from duospec.drafting.multiseq import tree_from_sequences
-
-        tree = tree_from_sequences(root, [chain, *([token] for token in alternatives)]).to(device)
-        return tree, predicted + sum(reply.alternative_probs[: len(alternatives)])
-    probs = None if greedy or reply.draft_probs is None else reply.draft_probs[:gamma].to(device)
-    return TokenTree.chain(torch.tensor([root, *chain], device=device), probs), predicted
+    def _ask(self, request: Callable[[DraftProcess], T]) -> T | None:
+        """One request to the draft process; None once it is lost (the one place a loss is handled)."""
+        if self.process is None:
+            return None
+        try:
+            return request(self.process)
+        except DraftProcessLost as error:
+            self.process = None
+            self.stats.fallback = str(error)
+            warn_lost(error)
+            if self.on_lost is not None:
+                self.on_lost(error)
+            return None
 
 
 def warn_lost(error: DraftProcessLost) -> None:

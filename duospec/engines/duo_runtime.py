@@ -23,7 +23,8 @@ from duospec.budget.model import CostProfile, expected_tokens
 from duospec.budget.timing import measure_target_costs
 from duospec.config import DuospecError, GenerationRequest
 from duospec.engines.draft_process import DraftFromSource, DraftObject, DraftProcess, DraftProcessLost, vocabulary_digest
-from duospec.engines.duo import ThreadSplit, candidate_splits, generate_duo, target_placement, warn_lost
+from duospec.engines.duo import DuoSource, ThreadSplit, candidate_splits, target_placement, warn_lost
+from duospec.engines.rounds import generate_tokens
 from duospec.stats import GenerationStats
 
 DUO_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)
@@ -174,10 +175,8 @@ class DuoRuntime:
         process, split, _ = self.prepare()
         try:
             with target_placement(self.pipeline.target, split):
-                yield from generate_duo(
-                    self.pipeline.target, process, prompt_ids, request, planner, self.pipeline.eos_ids, stats,
-                    on_lost=self._lost, timeline=self.timeline, reuse_draft=reuse_draft,
-                )
+                source = DuoSource(process, planner, reuse=reuse_draft, on_lost=self._lost)
+                yield from generate_tokens(self.pipeline.target, source, prompt_ids, request, self.pipeline.eos_ids, stats, self.timeline)
         finally:
             self._track(planner)
 
@@ -221,7 +220,7 @@ class DuoRuntime:
             self.split, self.costs = best, self.measured[best]
 
     def _lost(self, error: DraftProcessLost) -> None:
-        warn_lost(error)
+        """A generation lost the process (its DuoSource warned): the next request starts a new one."""
         if self.process is not None:
             self.process.close()
             self.process = None

@@ -2,9 +2,9 @@
 
 A generation is a prefill followed by rounds; each round 1 gets a TokenTree rooted at the last emitted
 token (from a drafter in this process, from a draft process, or just the root), 2 `score`s all its
-nodes in one target pass, 3 `accept`s a path, 4 `keep`s exactly that path in the target cache, and 5
-`record`s the outcome (stats, budget) and `emit`s the round's tokens cut at EOS or the request's
-length. The sequential engine and the Duo engine differ only in where step 1 runs.
+nodes in one target pass, 3 `accept`s a path, 4 `keep`s exactly that path in the target cache, 5 lets
+the round's source learn from the outcome and 6 `emit`s the round's tokens cut at EOS or the
+request's length. The round loop (engines/rounds.py) calls them in that order for every method.
 """
 
 from __future__ import annotations
