@@ -35,7 +35,8 @@ class InProcessSource:
         self._proposed = False  # whether the drafter proposed this round (else it hears nothing of it)
 
     def begin(self, prompt_ids: list[int], sampling: SamplingConfig, generator: torch.Generator, stats: GenerationStats) -> None:
-        """A drafter keeps its draft cache's shared prefix itself, at its first proposal."""
+        """A new sequence for drafter and policy. The draft cache is not dropped here: the drafter keeps
+        the prefix it shares with the new context at its first proposal (models/prefix.py)."""
         self.sampling, self.stats = sampling, stats
         self.generator = generator_for_drafter(self.drafter, generator, sampling.seed)
         if self.drafter is not None:
