@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,17 +21,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from duospec.budget.corrections import CostTracker, corrected_draft_step, corrected_target_costs, may_keep_correction
-from duospec.budget.kept import draft_step_for, draft_step_key, keep_measurement, read_measurement, target_cost_key, target_costs_for
-from duospec.budget.load import LoadProbe, LoadReading, under_load
-from duospec.budget.model import DRAFT_MARGIN, CostProfile, best_gamma, expected_tokens
-from duospec.budget.policy import PROBE_ALPHA, GammaPolicy
+from duospec.budget.book import CostBook, Notes
 from duospec.config import DRAFT_QUANTIZATIONS, DuospecError, GenerationRequest, SamplingConfig
 from duospec.drafting import method_spec
-from duospec.drafting.specexec import DEFAULT_DEPTH
-from duospec.drafting.suffix import DEFAULT_HISTORY_TOKENS, SuffixDrafter, SuffixHistory, SuffixPolicy, check_history_options
-from duospec.engines.in_process import InProcessSource
-from duospec.engines.rounds import generate_tokens
+from duospec.drafting.suffix import DEFAULT_HISTORY_TOKENS, SuffixHistory, check_history_options
+from duospec.engines.start import duo_draft, start
 from duospec.models.base import Model
 from duospec.models.hf import resolve_device, resolve_dtype
 from duospec.models.int8 import int8_kernel_available
@@ -125,7 +118,7 @@ class GenerationStream:
         self._prompt_tokens = prompt_tokens
         self._stats = stats
         self.result: GenerationResult | None = None
-        self._load_watch = pipeline.load_probe.start()  # whether this request ran under visible load
+        self._load_watch = pipeline.costs.probe.start()  # whether this request ran under visible load
 
     def __iter__(self) -> Iterator[StreamChunk]:
         try:
@@ -174,7 +167,7 @@ class GenerationStream:
         # its text joins the suffix history (a later request that repeats it drafts from it).
         if self._prompt_ids is not None:
             self._pipeline.remember(self._prompt_ids, self.result.token_ids)
-        self._pipeline.reconcile_costs(self._pipeline.load_probe.stop(self._load_watch, self._pipeline.target))
+        self._pipeline.costs.reconcile(self._pipeline.costs.probe.stop(self._load_watch, self._pipeline.target))
 
 
 class Pipeline:
@@ -216,19 +209,16 @@ class Pipeline:
         self.backend = backend  # the target's backend
         self.draft_options = draft_options  # how the draft is loaded (backend, threads, ...)
         self.progress = progress
+        self.draft_label = draft_label(draft_source, draft_quantization, self.draft_backend)  # what the draft's measurements depend on
         self._draft: Model | None = None
         self._draft_identity: list[str] | None = None
-        self._target_identity = cost_identity
-        self._target_costs: dict[int, float] | None = None
-        self._draft_step: float | None = None
-        self._tree_costs: tuple[CostProfile, CostProfile] | None = None  # SpecExec's curves (tree_costs)
         self._active_stream: GenerationStream | None = None  # the one stream whose caches the models hold
-        self.cost_tracker = CostTracker()  # real pass/step times the engines report (see reconcile_costs)
-        self.load_probe = LoadProbe()  # tells measurements and requests taken under visible load
         self._draft_attached = False  # a draft handed over in memory (attach_draft), not loaded from a source
         self._duo = None  # DuoRuntime: the draft process of `duo` requests, started on first use
-        self.verbose = False  # print budget choices and why (--verbose)
-        self._auto_alpha = 0.8  # acceptance `auto` expects of the draft model, learned across requests
+        # The measured costs every budget is built from (budget/book.py); --verbose prints their diagnostics.
+        labels = (f"target ({backend})", f"draft ({self.draft_backend})")
+        self.costs = CostBook(target, cost_identity, lambda: (self.draft, self._draft_identity), Notes(progress), labels)
+        self.auto_alpha = 0.8  # acceptance `auto` expects of the draft model, learned across requests
         # Each model's KV cache outlives its request; the next request reuses the prefix it shares
         # (models/prefix.py). False: every request starts from empty caches (forget_prefixes).
         self.prefix_cache = prefix_cache
@@ -245,6 +235,15 @@ class Pipeline:
         return self.draft_options.backend if self.draft_options is not None else self.backend
 
     @property
+    def verbose(self) -> bool:
+        """Whether budget choices, measured costs and their corrections are printed (--verbose)."""
+        return self.costs.notes.verbose
+
+    @verbose.setter
+    def verbose(self, value: bool) -> None:
+        self.costs.notes.verbose = value
+
+    @property
     def deterministic(self) -> bool:
         """Whether the target runs in deterministic mode (models/deterministic.py)."""
         return self.target.deterministic
@@ -257,24 +256,20 @@ class Pipeline:
         if not self.deterministic:
             yield
             return
-        mode_state = ("_target_identity", "_target_costs", "_tree_costs", "cost_tracker")
-        deterministic_state = {name: getattr(self, name) for name in mode_state}
-        default_state = getattr(self, "_default_mode_state", None) or {
-            "_target_identity": None if self._target_identity is None else [part for part in self._target_identity if part != "deterministic"],
-            "_target_costs": None,
-            "_tree_costs": None,
-            "cost_tracker": CostTracker(),
-        }
+        if getattr(self, "_default_mode_costs", None) is None:
+            self._default_mode_costs = self.costs.without_mode("deterministic")
+        deterministic_costs, self.costs = self.costs, self._default_mode_costs
         self.target.set_deterministic(False)
-        for name, value in default_state.items():
-            setattr(self, name, value)
         try:
             yield
         finally:
-            self._default_mode_state = {name: getattr(self, name) for name in mode_state}
-            for name, value in deterministic_state.items():
-                setattr(self, name, value)
+            self._default_mode_costs, self.costs = self.costs, deterministic_costs
             self.target.set_deterministic(True)
+
+    @property
+    def attached_draft(self) -> Model | None:
+        """The draft handed over in memory (attach_draft), or None where it loads from its source."""
+        return self._draft if self._draft_attached else None
 
     @property
     def has_draft(self) -> bool:
@@ -305,119 +300,21 @@ class Pipeline:
         check_same_vocabulary(self.tokenizer, loaded.tokenizer, self.target.name, self.draft_source)
         return loaded
 
-    @property
-    def draft_label(self) -> str | None:
-        """The draft's source plus its backend and weight storage (what a measurement of it depends on)."""
-        label = draft_label(self.draft_source, self.draft_quantization if self.draft_backend == "transformers" else "none")
-        if label is not None and self.draft_backend != "transformers":
-            label = f"{label}@{self.draft_backend}"
-        return label
-
     def attach_draft(self, model: Model) -> None:
         """Use an already loaded draft model (tests, notebooks). It must share the target's tokenizer."""
         self._draft = model
         self._draft_identity = None
-        self._draft_step = None
-        self._tree_costs = None
-        self.cost_tracker.clear_draft()
+        self.costs.forget_draft()
         self._draft_attached = True
         if self._duo is not None:
             self._duo.close()
             self._duo = None
-
-    def cost_key(self, model: Model) -> list[str] | None:
-        """What a measured cost depends on; None for models built in memory (nothing stable to key on)."""
-        if model is self.target:
-            return self._target_identity
-        if model is self._draft:
-            return self._draft_identity
-        return None
-
-    def target_profile(self, remeasure: bool = False) -> CostProfile:
-        """Seconds per target pass over n tokens, measured once per machine and cached on disk."""
-        if self._target_costs is None or remeasure:
-            self._target_costs = target_costs_for(self.target, self.cost_key(self.target), remeasure, self.load_probe, self._note)
-            if self.progress and self.verbose:  # cost diagnostics are asked for, not shown by default
-                costs = ", ".join(f"{n}: {s:.3f}" for n, s in sorted(self._target_costs.items()))
-                print(f"duospec: target ({self.backend}) pass seconds by tokens per pass: {costs}", file=sys.stderr)
-        return CostProfile(self._target_costs)
-
-    def draft_step_seconds(self, remeasure: bool = False) -> float:
-        """Seconds per draft step, measured once per machine and cached on disk."""
-        if self._draft_step is None or remeasure:
-            draft = self.draft
-            self._draft_step = draft_step_for(draft, self.cost_key(draft), remeasure, self.load_probe, self._note)
-            if self.progress and self.verbose:
-                print(f"duospec: draft ({self.draft_backend}) step {self._draft_step:.3f} s", file=sys.stderr)
-        return self._draft_step
-
-    def reconcile_costs(self, reading: LoadReading | None = None) -> None:
-        """Correct the figures in use from the real times in `cost_tracker`; called after each request.
-
-        A figure whose tracked median (MIN_SAMPLES or more) disagrees by more than AGREEMENT_FACTOR is
-        replaced in memory; the target curve is scaled as a whole (costs.corrected_target_costs). It is
-        also written to disk unless `reading` shows the request ran under visible load and the new
-        figure is slower (costs.may_keep_correction). Call it between requests only: a request's
-        budget must stay a function of the profile it started with, so that seeded runs repeat.
-        """
-        loaded = reading is not None and under_load(reading)
-        if self._target_costs is not None:
-            corrected = corrected_target_costs(CostProfile(self._target_costs), self.cost_tracker)
-            if corrected is not None:
-                old, self._target_costs = self._target_costs, corrected  # a new dict: running policies keep theirs
-                scale = corrected[min(corrected)] / old[min(old)]
-                key = target_cost_key(self.cost_key(self.target))
-                value = {str(n): s for n, s in corrected.items()}
-                kept = read_measurement(key)
-                kept_one = float(kept["1"]) if isinstance(kept, dict) and isinstance(kept.get("1"), (int, float)) else None
-                may_keep = may_keep_correction(corrected[min(corrected)], kept_one, loaded)
-                self._keep_correction(key, value, may_keep, f"target pass curve scaled by {scale:.2f} from real passes")
-        if self._draft_step is not None and self._draft is not None:
-            step = corrected_draft_step(self._draft_step, self.cost_tracker)
-            if step is not None:
-                old_step, self._draft_step = self._draft_step, step
-                key = draft_step_key(self.cost_key(self._draft))
-                kept = read_measurement(key)
-                may_keep = may_keep_correction(step, kept if isinstance(kept, (int, float)) else None, loaded)
-                self._keep_correction(key, step, may_keep, f"draft step {old_step:.3f} s -> {step:.3f} s from real steps")
-
-    def _keep_correction(self, key: list[str] | None, value: object, may_keep: bool, what: str) -> None:
-        """Write a corrected figure (see reconcile_costs) where it may be kept, and say what happened."""
-        if key is None:
-            self._note(f"{what} (in memory)")
-        elif may_keep:
-            kept = keep_measurement(key, value)
-            self._note(f"{what}{', kept on disk' if kept else ''}")
-        else:
-            self._note(f"{what}; not kept on disk: this request ran under visible load")
-
-    def _note(self, message: str) -> None:
-        """A progress line on stderr (when progress output is on)."""
-        if self.progress and self.verbose:
-            print(f"duospec: {message}", file=sys.stderr)
 
     # -- suffix history -------------------------------------------------------------------------
     def remember(self, prompt_ids: list[int], answer_ids: list[int]) -> None:
         """Add a finished request (prompt and answer) to the suffix history, when it is shared."""
         if self.suffix_scope == "shared":
             self.suffix_history.add([*prompt_ids, *answer_ids])
-
-    @contextmanager
-    def separate_suffix_history(self, history: SuffixHistory) -> Iterator[None]:
-        """Requests inside draft from (and add to) `history` instead of the pipeline's own. The bench
-        gives each method its own, so no method drafts from another method's answer to the same question."""
-        saved, self.suffix_history = self.suffix_history, history
-        try:
-            yield
-        finally:
-            self.suffix_history = saved
-
-    def suffix_drafter(self, request: GenerationRequest) -> SuffixDrafter:
-        """A suffix drafter over the shared history (if any), sized by the measured cost curve, or
-        verifying up to `gamma` nodes when the request fixes it."""
-        policy = SuffixPolicy(None, max_nodes=request.gamma) if request.gamma is not None else SuffixPolicy(self.target_profile())
-        history = self.suffix_history if self.suffix_scope == "shared" else None
-        return SuffixDrafter(history, policy, max_leaves=self.target.max_tree_leaves)
 
     # -- prefix cache ---------------------------------------------------------------------------
     def forget_prefixes(self) -> None:
@@ -474,137 +371,30 @@ class Pipeline:
             )
         if not self.prefix_cache:
             self.forget_prefixes()
-        if spec.engine == "duo":
-            return self._stream_duo(prompt_ids, request)
-        if spec.engine == "auto":
-            return self._stream_auto(prompt_ids, request)
-        draft = self.draft if spec.needs_draft_model else None
-        drafter = spec.make_drafter(draft, self.target, request)
-        policy = None
-        if spec.engine == "suffix":
-            drafter = self.suffix_drafter(request)
-            policy = drafter.policy
-        elif spec.engine == "tree":
-            policy = self.tree_policy(request)
-        elif drafter is not None:
-            if gamma is not None:
-                policy = GammaPolicy(None, fixed_gamma=gamma)  # a fixed gamma needs no measurement
-            else:
-                # Model-free drafts cost (almost) nothing per token.
-                draft_cost = self.draft_step_seconds() if draft is not None else 0.0
-                policy = GammaPolicy(self.target_profile(), draft_cost)
-        if self.verbose and policy is not None and spec.engine != "tree":  # tree_policy describes its own
-            print(f"duospec: {method}: {policy.describe()}", file=sys.stderr)
-        stats = GenerationStats(method=method, prompt_tokens=len(prompt_ids), gamma_auto=gamma is None)
-        if isinstance(policy, GammaPolicy) and policy.profile is not None and not policy.could_pay:
-            stats.choice_note = cannot_pay_note(policy.profile, policy.draft_step_seconds)
-        chunks = generate_tokens(self.target, InProcessSource(drafter, policy, self.cost_tracker), prompt_ids, request, self.eos_ids, stats)
+        chunks, stats = start(self, spec, prompt_ids, request)
         stream = GenerationStream(self, chunks, _TextAssembler(self.tokenizer), len(prompt_ids), stats, prompt_ids)
         self._active_stream = stream
         return stream
-
-    def tree_costs(self) -> tuple[CostProfile, CostProfile]:
-        """The target's pass cost extended to SpecExec's tree sizes, and the draft's pass cost by width.
-
-        Measured once per machine (kept on disk), each up to the first size whose pass costs more than
-        the deepest tree could repay: (DEFAULT_DEPTH + 2) one-token target passes.
-        """
-        if self._tree_costs is None:
-            from duospec.budget.kept import growing_costs_for
-            from duospec.budget.tree import DRAFT_WIDTHS, LARGE_SIZES
-
-            base = self.target_profile()
-            ceiling = (DEFAULT_DEPTH + 2) * base.target_pass(1)
-            large = growing_costs_for(self.target, self.cost_key(self.target), LARGE_SIZES, ceiling, "tree-target", probe=self.load_probe, notify=self._note)
-            widths = growing_costs_for(self.draft, self.cost_key(self.draft), DRAFT_WIDTHS, ceiling, "tree-draft", probe=self.load_probe, notify=self._note)
-            self._tree_costs = (CostProfile({**base.target_pass_seconds, **large}), CostProfile(widths))
-            if self.progress and self.verbose:
-                curve = ", ".join(f"{n}: {s:.3f}" for n, s in sorted(self._tree_costs[0].target_pass_seconds.items()))
-                draft = ", ".join(f"{n}: {s:.3f}" for n, s in sorted(widths.items()))
-                print(f"duospec: target pass seconds by tokens (trees): {curve}; draft pass by width: {draft}", file=sys.stderr)
-        return self._tree_costs
-
-    def tree_policy(self, request: GenerationRequest):
-        """SpecExec's node budget: fixed by the request, else autotuned from measured costs."""
-        from duospec.budget.tree import TreeBudgetPolicy
-
-        if request.tree_budget is not None:
-            policy = TreeBudgetPolicy(None, None, depth=request.tree_depth, fixed_budget=request.tree_budget)
-        else:
-            target_costs, draft_costs = self.tree_costs()
-            policy = TreeBudgetPolicy(target_costs, draft_costs, depth=request.tree_depth, prior_alpha=self._auto_alpha)
-        if self.verbose:
-            print(policy.describe(), file=sys.stderr)
-        return policy
 
     def duo_runtime(self):
         """The draft process, thread split and costs of `duo` requests (set up on first use)."""
         if self._duo is None:
             from duospec.engines.duo_runtime import DuoRuntime
 
-            self._duo = DuoRuntime(self)
+            self._duo = DuoRuntime(self.target, self.eos_ids, self.costs, duo_draft(self))
         return self._duo
 
-    def _stream_duo(self, prompt_ids: list[int], request: GenerationRequest) -> GenerationStream:
-        from duospec.engines.duo_runtime import print_choice
+    def take_duo_reuse(self) -> bool:
+        """Whether the duo draft process may keep the prefix its last sequence shares with the next
+        one (False once after forget_prefixes)."""
+        reuse, self._duo_cold = not self._duo_cold, False
+        return reuse
 
-        runtime = self.duo_runtime()
-        runtime.prepare()
-        planner = runtime.planner(request.gamma)
-        if self.verbose:
-            print_choice(runtime, planner)
-        stats = GenerationStats(method="duo", prompt_tokens=len(prompt_ids), gamma_auto=request.gamma is None)
-        reuse_draft, self._duo_cold = not self._duo_cold, False
-        chunks = runtime.generate(prompt_ids, request, planner, stats, reuse_draft=reuse_draft)
-        stream = GenerationStream(self, chunks, _TextAssembler(self.tokenizer), len(prompt_ids), stats, prompt_ids)
-        self._active_stream = stream
-        return stream
-
-    def _stream_auto(self, prompt_ids: list[int], request: GenerationRequest) -> GenerationStream:
-        """`auto`: duo for the whole request where its measured costs promise more than the best
-        in-process method, else the in-process methods chosen round by round (drafting/auto.py)."""
-        from duospec.drafting.auto import AutoDrafter
-        from duospec.drafting.chain import ChainDrafter
-
-        has_draft = self.has_draft
-        profile = self.target_profile()
-        alpha = self._auto_alpha
-        sd_policy, sequential_rate = None, 1.0 / profile.target_pass(1)
-        if has_draft:
-            draft_step = self.draft_step_seconds()
-            sd_policy = GammaPolicy(profile, draft_step, prior_alpha=alpha)
-            gamma = best_gamma(alpha, profile, draft_step, sd_policy.max_gamma)
-            sequential_rate = max(sequential_rate, expected_tokens(alpha, gamma) / (gamma * draft_step + profile.target_pass(gamma + 1)))
-        if has_draft and duo_is_a_candidate(self.target.device):
-            runtime = self.duo_runtime()
-            if runtime.costs is None:
-                runtime._choose_split()
-            duo_rate, _ = runtime.costs.predicted_rate(alpha)
-            if self.verbose:
-                print(f"duospec: auto: duo promises {duo_rate:.1f} tok/s, the best in-process method {sequential_rate:.1f} tok/s (alpha {alpha:.2f})", file=sys.stderr)
-            if duo_rate > sequential_rate * (1 + DRAFT_MARGIN):
-                stream = self._stream_duo(prompt_ids, request)
-                stream._stats.method = "auto:duo"
-                return stream
-        drafter = AutoDrafter(self.suffix_drafter(replace(request, gamma=None)), ChainDrafter(self.draft, self.target.vocab_size) if has_draft else None, sd_policy)
-        stats = GenerationStats(method="auto", prompt_tokens=len(prompt_ids), gamma_auto=request.gamma is None)
-        stats.auto_rounds = drafter.rounds
-        stats.choice_note = auto_choice_note(profile, self.draft_step_seconds() if has_draft else None)
-        if self.verbose:
-            print(f"duospec: auto: each round drafts from the suffix tree where a repeat pays, else from the draft model where it pays, else runs as ar ({stats.choice_note})", file=sys.stderr)
-            print(f"duospec: auto, suffix rounds: {drafter.suffix.policy.describe()}", file=sys.stderr)
-            if sd_policy is not None:
-                print(f"duospec: auto, draft-model rounds: {sd_policy.describe()}", file=sys.stderr)
-        chunks = generate_tokens(self.target, InProcessSource(drafter, drafter.policy, self.cost_tracker), prompt_ids, request, self.eos_ids, stats)
-        stream = GenerationStream(self, self._learn_alpha(chunks, stats), _TextAssembler(self.tokenizer), len(prompt_ids), stats, prompt_ids)
-        self._active_stream = stream
-        return stream
-
-    def _learn_alpha(self, chunks: Iterator[list[int]], stats: GenerationStats) -> Iterator[list[int]]:
+    def learn_acceptance(self, chunks: Iterator[list[int]], stats: GenerationStats) -> Iterator[list[int]]:
         """Pass the chunks through; afterwards remember the acceptance for the next auto choice."""
         yield from chunks
-        if stats.alpha_estimate is not None:
-            self._auto_alpha = 0.5 * self._auto_alpha + 0.5 * stats.alpha_estimate
+        if stats.acceptance_estimate is not None:
+            self.auto_alpha = 0.5 * self.auto_alpha + 0.5 * stats.acceptance_estimate
 
     def close(self) -> None:
         """Stop the draft process, if one runs (also done at exit). The pipeline stays usable."""
@@ -625,34 +415,6 @@ class Pipeline:
             pass
         assert stream.result is not None
         return stream.result
-
-
-# With fewer CPU cores, a draft process and the target split too few between them: duo ran at 0.50x
-# (AMD EPYC) and 0.59x (Intel AMX Xeon) of plain decoding on 2 cores, so auto does not even measure it.
-DUO_MIN_CPU_CORES = 4
-
-
-def duo_is_a_candidate(device: torch.device) -> bool:
-    """Whether `auto` measures duo at all: a GPU target (the draft then has the CPU), or enough CPU cores."""
-    return device.type == "cuda" or len(os.sched_getaffinity(0)) >= DUO_MIN_CPU_CORES
-
-
-def cannot_pay_note(profile: CostProfile, draft_step: float) -> str:
-    """Why a chain method drafts nothing here, in measured terms (its summary line)."""
-    two = profile.target_pass(2) / profile.target_pass(1)
-    step = f" and a draft step {draft_step / profile.target_pass(1):.2f}x" if draft_step > 0 else ""
-    return f"a 2-token pass costs {two:.2f}x a 1-token pass{step}: drafting cannot pay here even at {PROBE_ALPHA:.0%} acceptance; ran as ar"
-
-
-def auto_choice_note(profile: CostProfile, draft_step: float | None) -> str:
-    """Why `auto` may or may not use the draft model here, in measured terms (its summary line)."""
-    costs = f"a 2-token pass costs {profile.target_pass(2) / profile.target_pass(1):.2f}x a 1-token pass"
-    if draft_step is None:
-        return f"suffix trees where a repeat pays ({costs}); no draft model"
-    ratio = draft_step / profile.target_pass(1)
-    policy = GammaPolicy(profile, draft_step)
-    verdict = "can pay where it is often right" if policy.could_pay else "cannot pay here, at any acceptance"
-    return f"suffix trees where a repeat pays; the draft model {verdict} ({costs}, a draft step {ratio:.2f}x a target step)"
 
 
 def encode_prompt(tokenizer, vocab_size: int, prompt: str | list[int] | list[dict], chat: bool | None = None) -> list[int]:
@@ -791,10 +553,13 @@ def resolve_draft_quantization(choice: str, device: torch.device, dtype: torch.d
     return choice
 
 
-def draft_label(source: str | None, quantization: str) -> str | None:
-    """e.g. "qwen2.5-coder-0.5b-instruct+int8"; None without a draft."""
+def draft_label(source: str | None, quantization: str, backend: str = "transformers") -> str | None:
+    """The draft's source plus its weight storage and backend, e.g. "qwen2.5-coder-0.5b-instruct+int8"
+    or "...-0.5b-instruct@llama.cpp"; None without a draft."""
     if source is None:
         return None
+    if backend != "transformers":
+        return f"{source}@{backend}"
     return f"{source}+int8" if quantization == "int8" else source
 
 

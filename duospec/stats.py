@@ -31,7 +31,7 @@ class GenerationStats:
     verify_seconds: float = 0.0
     finish_reason: str = ""  # "eos", "length", "context" or "interrupted"
     gamma_auto: bool = True
-    alpha_estimate: float | None = None
+    acceptance_estimate: float | None = None  # the budget's estimate of the share of draft tokens accepted
     auto_rounds: dict = field(default_factory=dict)  # `auto`: rounds per method it chose
     choice_note: str = ""  # `auto`: why a candidate could or could not pay here, in measured terms
     fallback: str = ""  # why a method went on without its draft (a lost draft process), if it did
@@ -103,7 +103,7 @@ class GenerationStats:
             "acceptance_rate": None if self.acceptance_rate is None else round(self.acceptance_rate, 4),
             "drafted_tokens": self.drafted_tokens,
             "accepted_tokens": self.accepted_tokens,
-            "alpha_estimate": None if self.alpha_estimate is None else round(self.alpha_estimate, 4),
+            "acceptance_estimate": None if self.acceptance_estimate is None else round(self.acceptance_estimate, 4),
             "finish_reason": self.finish_reason,
             "peak_rss_mb": None if self.peak_rss_mb is None else round(self.peak_rss_mb, 1),
             **({"peak_gpu_mb": round(self.peak_gpu_mb, 1)} if self.peak_gpu_mb is not None else {}),

@@ -229,9 +229,9 @@ def run_pair(name: str, args, device: torch.device, dtype: torch.dtype, scratch:
             "target_pass_s": runtime.costs.target_pass_seconds if runtime.costs else None,
             "draft_step_s": runtime.costs.draft_step_seconds if runtime.costs else None,
         }
-        entry["sd_draft_step_device_s"] = pipes["device"].draft_step_seconds()
-        entry["sd_draft_step_cpu_s"] = pipes["cpu"].draft_step_seconds()
-        entry["target_t1_s"] = pipes["device"].target_profile().target_pass(1)
+        entry["sd_draft_step_device_s"] = pipes["device"].costs.draft_step_seconds()
+        entry["sd_draft_step_cpu_s"] = pipes["cpu"].costs.draft_step_seconds()
+        entry["target_t1_s"] = pipes["device"].costs.target_profile().target_pass(1)
         log(f"{name}: duo split {entry['duo']['split']}")
         save()
 

@@ -55,13 +55,13 @@ def test_auto_in_process_equals_ar(pipe, max_new_tokens, duo_candidate):
 @pytest.fixture
 def duo_candidate(monkeypatch):
     """duo is measured only with 4+ CPU cores (or a GPU); these tests check the rule on any machine."""
-    import duospec.api
+    import duospec.engines.start
 
-    monkeypatch.setattr(duospec.api, "DUO_MIN_CPU_CORES", 1)
+    monkeypatch.setattr(duospec.engines.start, "DUO_MIN_CPU_CORES", 1)
 
 
 def test_auto_does_not_measure_duo_on_too_few_cores(monkeypatch):
-    import duospec.api
+    import duospec.engines.start
 
     target = tiny_model(0).float()
     pipeline = tiny_pipeline(target, perturbed(target, 0.05, 1).float())
@@ -69,8 +69,8 @@ def test_auto_does_not_measure_duo_on_too_few_cores(monkeypatch):
     monkeypatch.setattr(type(pipeline), "duo_runtime", lambda self: pytest.fail("measured duo on 2 cores"))
     result = pipeline.generate(PROMPT, method="auto", max_new_tokens=12)
     assert result.stats.method == "auto"
-    assert not duospec.api.duo_is_a_candidate(torch.device("cpu"))
-    assert duospec.api.duo_is_a_candidate(torch.device("cuda"))
+    assert not duospec.engines.start.duo_is_a_candidate(torch.device("cpu"))
+    assert duospec.engines.start.duo_is_a_candidate(torch.device("cuda"))
 
 
 def test_auto_picks_duo_where_its_measured_costs_promise_more(pipe, capsys, duo_candidate):
@@ -134,13 +134,13 @@ def test_a_method_that_cannot_pay_says_why_in_measured_terms():
 
     target = tiny_model(0).float()
     pipeline = tiny_pipeline(target, perturbed(target, 0.05, 1).float())
-    pipeline._target_costs = {1: 0.01, 2: 0.02, 4: 0.04, 8: 0.08}
-    pipeline._draft_step = 0.005
+    pipeline.costs.target_costs = {1: 0.01, 2: 0.02, 4: 0.04, 8: 0.08}
+    pipeline.costs.draft_step = 0.005
     for method, step_note in (("sd", "a draft step 0.50x"), ("pld", "")):
         result = pipeline.generate(PROMPT, method=method, max_new_tokens=12)
         assert result.stats.drafted_tokens == 0
         note = result.stats.choice_note
         assert note.startswith("a 2-token pass costs 2.00x a 1-token pass") and "cannot pay" in note and step_note in note
         assert note in summary_line(result.stats)
-    pipeline._target_costs = {1: 0.01, 2: 0.01, 4: 0.0105, 8: 0.011}
+    pipeline.costs.target_costs = {1: 0.01, 2: 0.01, 4: 0.0105, 8: 0.011}
     assert pipeline.generate(PROMPT, method="sd", max_new_tokens=12).stats.choice_note == ""

@@ -164,10 +164,10 @@ def test_ctrl_c_during_the_cost_measurement_keeps_no_figure_and_the_pipeline_sti
     monkeypatch.setattr(pipe.target, "forward", interrupter)
     with pytest.raises(KeyboardInterrupt):
         pipe.generate("ab", method="sd", max_new_tokens=8)  # sd measures costs first
-    assert interrupter.calls == 0 and pipe._target_costs is None  # interrupted inside the measurement, nothing taken from it
+    assert interrupter.calls == 0 and pipe.costs.target_costs is None  # interrupted inside the measurement, nothing taken from it
     monkeypatch.setattr(pipe.target, "forward", interrupter.real)
     again = pipe.generate("ab", method="sd", max_new_tokens=8)
-    assert pipe._target_costs is not None  # measured again, whole
+    assert pipe.costs.target_costs is not None  # measured again, whole
     assert again.token_ids == tiny_pipeline(target, target).generate("ab", method="ar", max_new_tokens=8).token_ids
 
 

@@ -42,13 +42,13 @@ def test_profile_leaves_the_target_cache_empty(pipe):
 def test_cli_profile_prints_the_table_and_writes_the_files(pipe, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(duospec, "load", lambda *a, **k: pipe)
     stale = 99.0
-    pipe._target_costs, pipe._draft_step = {1: stale, 2: stale}, stale  # stale figures the budget holds
+    pipe.costs.target_costs, pipe.costs.draft_step = {1: stale, 2: stale}, stale  # stale figures the budget holds
     assert main(["profile", "--sizes", "1,2", "--context", "8", "--repeats", "1", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "one pass over n new tokens after 8 cached ones" in printed and "cost ratio c" in printed
     assert "renewed the draft budget's measured costs" in printed
-    assert pipe.draft_step_seconds() != stale  # renewed from the measurement, not kept
-    assert all(seconds != stale for seconds in pipe.target_profile().target_pass_seconds.values())
+    assert pipe.costs.draft_step_seconds() != stale  # renewed from the measurement, not kept
+    assert all(seconds != stale for seconds in pipe.costs.target_profile().target_pass_seconds.values())
     assert (tmp_path / PROFILE_PNG).exists()
     assert "--sizes 1,2 --context 8 --repeats 1" in json.loads((tmp_path / PROFILE_JSON).read_text())["meta"]["command"]
 

@@ -3,7 +3,7 @@
 Regression story (issue tracker): a first run on a busy machine measured the draft step at 1.46 s instead
 of 0.047 s, kept it on disk, and every later run decoded at gamma 1 (0.73 tokens/s instead of about 9).
 
-Setup: tiny in-memory models have no cost identity (Pipeline.cost_key returns None, so nothing is kept),
+Setup: tiny in-memory models have no cost identity (CostBook.identity returns None, so nothing is kept),
 so these tests give the pipeline one (`cost_identity`, `_draft_identity`) to exercise the disk path; the
 profiles directory is the temporary one tests/conftest.py sets up. Load readings and, where a test needs
 an exact timing, the spot check's clock are scripted through an injected LoadProbe, so the shared test
@@ -94,7 +94,7 @@ def keyed_pipeline(identity: str, probe: LoadProbe, with_draft: bool = True) -> 
     if with_draft:
         pipe.attach_draft(HFModel(tiny_model(seed=1)))
         pipe._draft_identity = [identity, "draft"]  # in-memory drafts have none; this test needs the disk path
-    pipe.load_probe = probe
+    pipe.costs.probe = probe
     pipe.verbose = True  # cost diagnostics are printed only when asked for
     return pipe
 
@@ -150,7 +150,7 @@ def test_kept_draft_step_of_1_46_s_from_a_busy_first_run_is_replaced(identity, c
     spot-checks it, measures again in full and keeps the new figure; the budget drafts again."""
     write_kept(draft_key(identity), 1.46)
     pipe = keyed_pipeline(identity, quiet_probe())
-    step = pipe.draft_step_seconds()
+    step = pipe.costs.draft_step_seconds()
     assert step < 1.46 / 1.5  # not 1.46: a tiny model's step takes milliseconds
     assert read_kept(draft_key(identity)) == step  # and it replaced the kept one
     assert "disagrees with a spot check" in capsys.readouterr().err
@@ -166,7 +166,7 @@ def test_kept_target_curve_that_is_far_too_slow_is_replaced(identity, monkeypatc
     sizes = duospec.budget.kept.DEFAULT_TARGET_SIZES
     write_kept(target_key(identity), {str(n): 3.0 + 0.1 * n for n in sizes})
     pipe = keyed_pipeline(identity, quiet_probe(), with_draft=False)
-    profile = pipe.target_profile()
+    profile = pipe.costs.target_profile()
     assert profile.target_pass(1) < 3.0 / 1.5
     assert read_kept(target_key(identity)) == {str(n): s for n, s in profile.target_pass_seconds.items()}
 
@@ -179,7 +179,7 @@ def test_kept_figure_that_agrees_is_left_alone(identity, monkeypatch):
     clock = ScriptedClock(tick=0.010)
     pipe = keyed_pipeline(identity, LoadProbe(cpu_clock=clock.cpu, wall_clock=clock.wall, load_average=lambda: 0.0, cores=2))
     monkeypatch.setattr(duospec.budget.kept, "measure_draft_step", _no_full_measurement)
-    assert pipe.draft_step_seconds() == 0.012
+    assert pipe.costs.draft_step_seconds() == 0.012
     assert path.read_bytes() == before
 
 
@@ -190,7 +190,7 @@ def test_slower_spot_check_under_load_keeps_the_kept_figure(identity, monkeypatc
     before = path.read_bytes()
     pipe = keyed_pipeline(identity, busy_probe(ScriptedClock(tick=0.010)))
     monkeypatch.setattr(duospec.budget.kept, "measure_draft_step", _no_full_measurement)
-    assert pipe.draft_step_seconds() == 0.001
+    assert pipe.costs.draft_step_seconds() == 0.001
     assert path.read_bytes() == before
 
 
@@ -198,8 +198,8 @@ def test_slower_spot_check_under_load_keeps_the_kept_figure(identity, monkeypatc
 def test_figure_measured_under_load_serves_the_run_but_is_not_kept(identity, capsys, monkeypatch):
     monkeypatch.setattr(duospec.budget.kept, "measure_target_costs", _fast_target_curve)
     pipe = keyed_pipeline(identity, busy_probe())
-    step = pipe.draft_step_seconds()
-    profile = pipe.target_profile()
+    step = pipe.costs.draft_step_seconds()
+    profile = pipe.costs.target_profile()
     assert step > 0 and profile.target_pass(1) > 0  # used for this run
     assert not kept_path(draft_key(identity)).exists()
     assert not kept_path(target_key(identity)).exists()
@@ -208,7 +208,7 @@ def test_figure_measured_under_load_serves_the_run_but_is_not_kept(identity, cap
 
 def test_figure_measured_quietly_is_kept(identity):
     pipe = keyed_pipeline(identity, quiet_probe())
-    step = pipe.draft_step_seconds()
+    step = pipe.costs.draft_step_seconds()
     assert read_kept(draft_key(identity)) == step
 
 
@@ -218,7 +218,7 @@ def test_under_load_replacement_of_a_wrong_kept_figure_is_not_kept(identity):
     path = write_kept(draft_key(identity), 1.46)
     before = path.read_bytes()
     pipe = keyed_pipeline(identity, busy_probe())
-    assert pipe.draft_step_seconds() < 1.0
+    assert pipe.costs.draft_step_seconds() < 1.0
     assert path.read_bytes() == before
 
 
@@ -292,28 +292,28 @@ def poisoning_replay(identity: str) -> tuple[Pipeline, Path, bytes]:
     quiet = {n: 0.069 * (1 + 0.5 * (n - 1)) for n in duospec.budget.kept.DEFAULT_TARGET_SIZES}
     path = write_kept(target_key(identity), {str(n): s for n, s in quiet.items()})
     pipe = keyed_pipeline(identity, quiet_probe(), with_draft=False)
-    pipe._target_costs = {n: 38.26 * s for n, s in quiet.items()}  # in memory only
+    pipe.costs.target_costs = {n: 38.26 * s for n, s in quiet.items()}  # in memory only
     for _ in range(8):
-        pipe.cost_tracker.target_pass(1, 0.64 * 38.26 * 0.069)
+        pipe.costs.tracker.target_pass(1, 0.64 * 38.26 * 0.069)
     return pipe, path, path.read_bytes()
 
 
 def test_a_busy_machine_cannot_poison_the_kept_curve(identity, capsys):
     pipe, path, before = poisoning_replay(identity)
-    pipe.reconcile_costs(BUSY)
-    assert pipe.target_profile().target_pass(1) == pytest.approx(0.64 * 38.26 * 0.069)  # this process adapts
+    pipe.costs.reconcile(BUSY)
+    assert pipe.costs.target_profile().target_pass(1) == pytest.approx(0.64 * 38.26 * 0.069)  # this process adapts
     assert path.read_bytes() == before  # the disk keeps the quiet figure
     assert "not kept on disk" in capsys.readouterr().err
 
 
 def test_control_judging_against_the_figure_in_memory_poisons_the_disk(identity, monkeypatch):
     """The old rule (a busy correction is kept when faster than the figure in memory) fails the replay."""
-    import duospec.api
+    import duospec.budget.book
 
     pipe, path, before = poisoning_replay(identity)
-    in_memory = pipe._target_costs[1]
-    monkeypatch.setattr(duospec.api, "may_keep_correction", lambda new, kept, loaded: not loaded or new < in_memory)
-    pipe.reconcile_costs(BUSY)
+    in_memory = pipe.costs.target_costs[1]
+    monkeypatch.setattr(duospec.budget.book, "may_keep_correction", lambda new, kept, loaded: not loaded or new < in_memory)
+    pipe.costs.reconcile(BUSY)
     assert path.read_bytes() != before
     assert read_kept(target_key(identity))["1"] > 20 * 0.069
 
@@ -322,11 +322,11 @@ def test_a_busy_draft_step_correction_is_judged_against_the_disk(identity):
     path = write_kept(draft_key(identity), 0.04)
     before = path.read_bytes()
     pipe = keyed_pipeline(identity, quiet_probe())
-    pipe._draft_step = 1.5  # inflated in memory by an earlier busy request, never kept
+    pipe.costs.draft_step = 1.5  # inflated in memory by an earlier busy request, never kept
     for _ in range(8):
-        pipe.cost_tracker.draft_steps(1, 0.9)  # faster than memory, 22x the kept figure
-    pipe.reconcile_costs(BUSY)
-    assert pipe._draft_step == pytest.approx(0.9) and path.read_bytes() == before
+        pipe.costs.tracker.draft_steps(1, 0.9)  # faster than memory, 22x the kept figure
+    pipe.costs.reconcile(BUSY)
+    assert pipe.costs.draft_step == pytest.approx(0.9) and path.read_bytes() == before
 
 
 def test_one_generation_replaces_a_kept_1_46_s_draft_step(identity):
@@ -335,23 +335,23 @@ def test_one_generation_replaces_a_kept_1_46_s_draft_step(identity):
     and on disk for the next request."""
     write_kept(draft_key(identity), 1.46)
     pipe = keyed_pipeline(identity, quiet_probe())
-    pipe._draft_step = 1.46  # as read from disk
+    pipe.costs.draft_step = 1.46  # as read from disk
     for _ in range(8):
-        pipe.cost_tracker.draft_steps(2, 0.094)
+        pipe.costs.tracker.draft_steps(2, 0.094)
     pipe.generate([3, 4, 5, 6], method="sd", gamma=2, max_new_tokens=4)  # fixed gamma: no measurement
-    assert pipe.draft_step_seconds() < 1.46 / 1.5
-    assert read_kept(draft_key(identity)) == pipe.draft_step_seconds()
+    assert pipe.costs.draft_step_seconds() < 1.46 / 1.5
+    assert read_kept(draft_key(identity)) == pipe.costs.draft_step_seconds()
 
 
 def test_slower_correction_under_load_stays_in_memory(identity, capsys):
     path = write_kept(draft_key(identity), 0.01)
     before = path.read_bytes()
     pipe = keyed_pipeline(identity, quiet_probe())
-    pipe._draft_step = 0.01
+    pipe.costs.draft_step = 0.01
     for _ in range(8):
-        pipe.cost_tracker.draft_steps(1, 0.05)
-    pipe.reconcile_costs(LoadReading(cpu_seconds=0.5, wall_seconds=1.0, threads=2, load_average=0.0, cores=2))
-    assert pipe.draft_step_seconds() == pytest.approx(0.05)  # this process adapts from the next request on
+        pipe.costs.tracker.draft_steps(1, 0.05)
+    pipe.costs.reconcile(LoadReading(cpu_seconds=0.5, wall_seconds=1.0, threads=2, load_average=0.0, cores=2))
+    assert pipe.costs.draft_step_seconds() == pytest.approx(0.05)  # this process adapts from the next request on
     assert path.read_bytes() == before  # but a figure slowed by load is never kept
     assert "not kept on disk" in capsys.readouterr().err
 
@@ -362,12 +362,12 @@ def test_agreeing_tracked_times_leave_the_kept_figures_alone(identity):
     target_path = write_kept(target_key(identity), {str(n): s for n, s in costs.items()})
     before = draft_path.read_bytes(), target_path.read_bytes()
     pipe = keyed_pipeline(identity, quiet_probe())
-    pipe._draft_step, pipe._target_costs = 0.05, dict(costs)
+    pipe.costs.draft_step, pipe.costs.target_costs = 0.05, dict(costs)
     for _ in range(8):
-        pipe.cost_tracker.draft_steps(1, 0.06)
-        pipe.cost_tracker.target_pass(1, 0.12)
-    pipe.reconcile_costs()
-    assert pipe._draft_step == 0.05 and pipe._target_costs == costs
+        pipe.costs.tracker.draft_steps(1, 0.06)
+        pipe.costs.tracker.target_pass(1, 0.12)
+    pipe.costs.reconcile()
+    assert pipe.costs.draft_step == 0.05 and pipe.costs.target_costs == costs
     assert (draft_path.read_bytes(), target_path.read_bytes()) == before
 
 
@@ -377,11 +377,11 @@ def test_target_correction_is_kept_and_never_changes_a_running_request(identity)
     costs = {n: 0.1 + 0.01 * n for n in duospec.budget.kept.DEFAULT_TARGET_SIZES}
     write_kept(target_key(identity), {str(n): s for n, s in costs.items()})
     pipe = keyed_pipeline(identity, quiet_probe(), with_draft=False)
-    pipe._target_costs = dict(costs)
-    running = pipe.target_profile()
+    pipe.costs.target_costs = dict(costs)
+    running = pipe.costs.target_profile()
     for _ in range(8):
-        pipe.cost_tracker.target_pass(1, 0.33)  # 3x the kept 0.11
-    pipe.reconcile_costs()
+        pipe.costs.tracker.target_pass(1, 0.33)  # 3x the kept 0.11
+    pipe.costs.reconcile()
     assert running.target_pass_seconds == costs
-    assert pipe.target_profile().target_pass(1) == pytest.approx(0.33)
+    assert pipe.costs.target_profile().target_pass(1) == pytest.approx(0.33)
     assert read_kept(target_key(identity)) == pytest.approx({str(n): 3 * s for n, s in costs.items()})

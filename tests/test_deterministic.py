@@ -388,13 +388,13 @@ def test_greedy_duo_with_its_draft_process_equals_one_token_decoding_bit_for_bit
 
 def test_default_mode_answers_keep_their_own_costs_and_restore_the_mode(pipe):
     """bench's <method>@default: the mode off for one answer, with cost figures kept apart per mode."""
-    pipe._target_costs = {1: 1.0, 2: 2.0}  # stands for the deterministic mode's measured curve
-    deterministic_identity = pipe._target_identity
+    pipe.costs.target_costs = {1: 1.0, 2: 2.0}  # stands for the deterministic mode's measured curve
+    deterministic_identity = pipe.costs.target_identity
     with pipe.default_mode():
-        assert not pipe.deterministic and pipe._target_costs is None
-        assert pipe._target_identity is None or "deterministic" not in pipe._target_identity
-        pipe._target_costs = {1: 0.5, 2: 0.6}  # what the default mode measured
-    assert pipe.deterministic and pipe._target_costs == {1: 1.0, 2: 2.0} and pipe._target_identity == deterministic_identity
+        assert not pipe.deterministic and pipe.costs.target_costs is None
+        assert pipe.costs.target_identity is None or "deterministic" not in pipe.costs.target_identity
+        pipe.costs.target_costs = {1: 0.5, 2: 0.6}  # what the default mode measured
+    assert pipe.deterministic and pipe.costs.target_costs == {1: 1.0, 2: 2.0} and pipe.costs.target_identity == deterministic_identity
     with pipe.default_mode():
-        assert pipe._target_costs == {1: 0.5, 2: 0.6}  # the default mode's own figures, kept for the next answer
-    pipe._target_costs = None
+        assert pipe.costs.target_costs == {1: 0.5, 2: 0.6}  # the default mode's own figures, kept for the next answer
+    pipe.costs.target_costs = None

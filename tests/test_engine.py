@@ -172,13 +172,13 @@ def test_auto_gamma_is_reported_and_bounded(target):
     pipe = tiny_pipeline(target, perturbed(target, noise=0.2, seed=7))
     # Costs where drafting pays (a flat target curve and a cheap draft), as on a GPU: measured costs of
     # two equally tiny models would let the budget draft nothing, which test_budget covers.
-    pipe._target_costs = {1: 0.010, 2: 0.010, 4: 0.0105, 8: 0.011, 16: 0.012, 33: 0.015}
-    pipe._draft_step = 0.001
+    pipe.costs.target_costs = {1: 0.010, 2: 0.010, 4: 0.0105, 8: 0.011, 16: 0.012, 33: 0.015}
+    pipe.costs.draft_step = 0.001
     result = pipe.generate(PROMPTS[0], method="sd", max_new_tokens=30)
     assert result.stats.gamma_auto and result.stats.drafted_tokens > 0
     # Every round drafts 1..32 tokens, except a last round with one token left to emit (none drafted).
     assert all(1 <= g <= 32 for g in result.stats.gammas[:-1]) and 0 <= result.stats.gammas[-1] <= 32
-    assert result.stats.alpha_estimate is not None
+    assert result.stats.acceptance_estimate is not None
     record = result.to_dict()
     for key in ("text", "token_ids", "prompt_tokens", "new_tokens", "method", "draft_tokens_per_round", "seconds", "tokens_per_second",
                 "ttft_seconds", "target_passes", "mean_accepted", "acceptance_rate"):

@@ -201,8 +201,10 @@ def test_request_scope_keeps_no_history(target_module):
 def test_a_separate_history_sees_nothing_of_the_shared_one(target_module):
     pipe = tiny_pipeline(target_module)
     _answers(pipe, "ar", PROMPT)
+    from duospec.bench.runner import separate_suffix_history
+
     own = SuffixHistory()
-    with pipe.separate_suffix_history(own):
+    with separate_suffix_history(pipe, own):
         assert pipe.suffix_history is own
         _answers(pipe, "suffix", PROMPT, gamma=16)
     assert own.sequences == 1 and pipe.suffix_history.sequences == 1

@@ -197,7 +197,7 @@ def _planned_flags(args: argparse.Namespace, target: str, draft: str | None, set
     if draft is not None:
         draft_backend = resolve_backend(args.draft_backend or args.backend, draft, device)
         quantization = resolve_draft_quantization(args.draft_quant, device, dtype) if draft_backend == "transformers" else "none"
-        label = draft_label(draft, quantization) + ("" if draft_backend == "transformers" else f"@{draft_backend}")
+        label = draft_label(draft, quantization, draft_backend)
     threads = args.threads or (default_threads() if backend == "llama.cpp" else torch.get_num_threads())
     flags = result_flags(target, label, str(dtype), str(device), threads, settings)
     if backend != "transformers":
@@ -272,10 +272,10 @@ def run_profile_command(args: argparse.Namespace) -> int:
     profile = run_profile(pipe, args.sizes, context_tokens=args.context, repeats=args.repeats, with_draft=with_draft)
     print(format_table(profile))
     # The budget keeps its own, smaller measurement on disk; a profile run is the moment to renew it.
-    pipe.target_profile(remeasure=True)
+    pipe.costs.target_profile(remeasure=True)
     if with_draft:
-        pipe.draft_step_seconds(remeasure=True)
-    kept_on_disk = pipe.cost_key(pipe.target) is not None
+        pipe.costs.draft_step_seconds(remeasure=True)
+    kept_on_disk = pipe.costs.identity(pipe.target) is not None
     print("renewed the draft budget's measured costs" + (f" (kept in {profiles_dir()})" if kept_on_disk else ""))
     flags = {"target": pipe.target.name, "draft": profile["draft"], "dtype": str(pipe.dtype), "device": str(pipe.device), "threads": pipe.threads}
     if pipe.deterministic:

@@ -27,16 +27,17 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from duospec.bench.data import Question, available_tasks, file_sha256, load_questions, packaged_questions_path, select_questions
 from duospec.bench.baseline_models import baseline_models
+from duospec.bench.data import Question, available_tasks, file_sha256, load_questions, packaged_questions_path, select_questions
 from duospec.bench.methods import bench_methods, is_deterministic_answer, resolve_methods, with_default_mode
-from duospec.bench.settings import BASELINE_METHOD, DecodeSettings
 from duospec.bench.report import rate_ratio
+from duospec.bench.settings import BASELINE_METHOD, DecodeSettings
 from duospec.bench.ties import divergence, near_tie_tolerance
 from duospec.config import DuospecError, GenerationRequest, SamplingConfig
 from duospec.drafting.suffix import SuffixHistory
@@ -285,7 +286,7 @@ def run_bench(
     for method in dict.fromkeys(method for _, method, _ in pending):
         _say(progress, f"warming up {method}")
         warmup = settings.decode(min(WARMUP_TOKENS, settings.max_new_tokens))
-        with pipe.separate_suffix_history(histories[method]):
+        with separate_suffix_history(pipe, histories[method]):
             registry[method].generate(pipe, conversation_ids(pipe, selected[0].turns, []), warmup)
         histories[method].clear()  # the warm-up answered the first question: it must not draft from that
 
@@ -296,7 +297,7 @@ def run_bench(
     try:
         for question, method, turn in pending:
             bar.set_description(f"{method} | {question.task}")
-            with pipe.separate_suffix_history(histories[method]):
+            with separate_suffix_history(pipe, histories[method]):
                 record = _answer(pipe, registry[method].generate, question, method, turn, settings, store)
             store.append(record)
             speedups.add(record, store)
@@ -401,3 +402,14 @@ class _RunningSpeedup:
 def _say(enabled: bool, message: str) -> None:
     if enabled:
         print(f"duospec: {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def separate_suffix_history(pipe: Pipeline, history: SuffixHistory) -> Iterator[None]:
+    """Requests inside draft from (and add to) `history` instead of the pipeline's own. The bench gives
+    each method its own, so no method drafts from another method's answer to the same question."""
+    saved, pipe.suffix_history = pipe.suffix_history, history
+    try:
+        yield
+    finally:
+        pipe.suffix_history = saved

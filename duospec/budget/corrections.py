@@ -79,7 +79,7 @@ class CostTracker:
     TRACK_WINDOW samples per size are kept, across requests.
 
     The pipeline owns one tracker and compares it with its figures between requests
-    (`Pipeline.reconcile_costs`); budget decisions within a request stay a function of the profile the
+    (`CostBook.reconcile`); budget decisions within a request stay a function of the profile the
     request started with, so a seeded run is repeatable given that profile.
     """
 

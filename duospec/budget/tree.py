@@ -112,8 +112,11 @@ class TreeBudgetPolicy:
 
     @property
     def alpha(self) -> float | None:
-        """For reports: mean accepted tokens per round at the last chosen budget."""
-        return None if self.last_choice is None else self.expected_accepted(self.last_choice.budget)
+        """The share of the last chosen budget's draft nodes expected to be accepted (as every policy's
+        `alpha`: an acceptance estimate, reported as stats.acceptance_estimate)."""
+        if self.last_choice is None or self.last_choice.budget == 0:
+            return None
+        return self.expected_accepted(self.last_choice.budget) / self.last_choice.budget
 
     def next_budget(self) -> DraftBudget:
         budget = self._choose()
@@ -181,7 +184,12 @@ class TreeBudgetPolicy:
 
 
 def accepted_node_ranks(tree: TokenTree, verdict: Verdict) -> list[int]:
-    """Ranks (0 = best draft node, by cumulative log-probability, ties by index) of the accepted nodes."""
+    """Ranks (0 = best draft node, by cumulative log-probability, ties by index) of the accepted nodes.
+
+    Example: nodes 1, 2, 3 with log-probabilities -0.1, -2.0, -0.5 rank 0, 2, 1; an accepted path
+    [0, 1, 3] gives [0, 1] (not [0, 2]: node 3 is the second best although it is the third node), so
+    a budget of 2 nodes would have held the whole accepted path.
+    """
     scores = tree.log_probs[1:].float().cpu()
     order = torch.sort(scores, descending=True, stable=True).indices
     rank = torch.empty_like(order)

@@ -12,19 +12,21 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
+from duospec.budget.book import CostBook
 from duospec.budget.corrections import CostTracker, corrected_draft_step, corrected_target_costs
 from duospec.budget.duo import DuoPlanner
 from duospec.budget.kept import Measured, cached_measurement, keep_measurement
 from duospec.budget.load import under_load
 from duospec.budget.model import CostProfile, expected_tokens
 from duospec.budget.timing import measure_target_costs
-from duospec.config import DuospecError, GenerationRequest
-from duospec.engines.draft_process import DraftFromSource, DraftObject, DraftProcess, DraftProcessLost, vocabulary_digest
+from duospec.config import GenerationRequest
+from duospec.engines.draft_process import DraftProcess, DraftProcessLost
 from duospec.engines.duo import DuoSource, ThreadSplit, candidate_splits, target_placement, warn_lost
 from duospec.engines.rounds import generate_tokens
+from duospec.models.base import Model
 from duospec.stats import GenerationStats
 
 DUO_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)
@@ -49,11 +51,25 @@ class SplitCosts:
         return best
 
 
-class DuoRuntime:
-    """Owns the draft process of a pipeline's `duo` requests."""
+@dataclass(frozen=True)
+class DuoDraft:
+    """How the draft process gets its draft: `factory(threads)` gives what the child builds it from
+    (engines/draft_process.py: DraftFromSource or DraftObject), and `label` names it in the key its
+    measured costs are kept under (None: a draft attached in memory, measured every run, never kept)."""
 
-    def __init__(self, pipeline) -> None:
-        self.pipeline = pipeline
+    factory: Callable[[int], object]
+    label: str | None
+
+
+class DuoRuntime:
+    """Owns the draft process of a pipeline's `duo` requests: the target it runs beside, the pipeline's
+    cost book (for the load probe, the notes and the target's identity) and how to build the draft."""
+
+    def __init__(self, target: Model, eos_ids: frozenset[int], costs: CostBook, draft: DuoDraft) -> None:
+        self.target = target
+        self.eos_ids = eos_ids
+        self.book = costs
+        self.draft = draft
         self.process: DraftProcess | None = None
         self.split: ThreadSplit | None = None
         self.costs: SplitCosts | None = None
@@ -64,34 +80,17 @@ class DuoRuntime:
         self._keys: dict[ThreadSplit, list[str] | None] = {}
 
     # -- setup ------------------------------------------------------------------------------------
-    def _factory(self, split: ThreadSplit):
-        pipe = self.pipeline
-        if pipe._draft is not None and pipe._draft_attached:
-            if pipe.draft_backend != "transformers":
-                raise DuospecError("duo needs a draft it can load in its own process; pass the draft as a source (--draft)")
-            return DraftObject(pipe._draft)
-        if pipe.draft_source is None:
-            raise DuospecError("duo needs a draft model; pass --draft (or draft=...) with a model that shares the target's tokenizer")
-        options = pipe.draft_load_options()
-        return DraftFromSource(
-            pipe.draft_source,
-            replace(options, threads=split.draft_threads),
-            name=pipe.draft_label,
-            target_vocabulary=vocabulary_digest(pipe.tokenizer),
-            target_name=pipe.target_source,
-        )
-
     def _start(self, split: ThreadSplit) -> DraftProcess:
-        return DraftProcess(self._factory(split), self.pipeline.target.vocab_size, split.draft_cores, split.draft_threads)
+        return DraftProcess(self.draft.factory(split.draft_threads), self.target.vocab_size, split.draft_cores, split.draft_threads)
 
     def _measure(self, split: ThreadSplit, process: DraftProcess) -> tuple[SplitCosts, bool]:
         """Target pass costs with the draft drafting beside it, and the draft's step meanwhile; and
         whether the machine was visibly busy with something else meanwhile (then it is not kept)."""
-        target_model = self.pipeline.target
+        target_model = self.target
         process.busy()
         _wait_for_steady_drafting(process)
         with target_placement(target_model, split):
-            target, reading = self.pipeline.load_probe.watch(lambda: measure_target_costs(target_model, DUO_SIZES, repeats=3), target_model)
+            target, reading = self.book.probe.watch(lambda: measure_target_costs(target_model, DUO_SIZES, repeats=3), target_model)
         steps = sorted(process.step_times())
         process.park()
         if not steps:
@@ -103,9 +102,8 @@ class DuoRuntime:
         return SplitCosts(target, steps[len(steps) // 2]), under_load(reading)
 
     def _cached_costs(self, split: ThreadSplit, process_holder: list) -> SplitCosts:
-        pipe = self.pipeline
-        identity = pipe.cost_key(pipe.target)
-        key = None if identity is None or pipe._draft_attached else [*identity, "duo", str(pipe.draft_label), split.key(), *map(str, DUO_SIZES)]
+        identity = self.book.target_identity
+        key = None if identity is None or self.draft.label is None else [*identity, "duo", self.draft.label, split.key(), *map(str, DUO_SIZES)]
 
         def measure() -> Measured:
             process = self._start(split)
@@ -114,7 +112,7 @@ class DuoRuntime:
             return Measured(_as_json(costs), loaded)
 
         self._keys[split] = key
-        value = cached_measurement(key, measure, notify=self.pipeline._note)
+        value = cached_measurement(key, measure, notify=self.book.notes)
         return SplitCosts({int(n): float(s) for n, s in value["target"].items()}, float(value["draft_step"]))
 
     def prepare(self) -> tuple[DraftProcess | None, ThreadSplit, SplitCosts]:
@@ -132,8 +130,7 @@ class DuoRuntime:
         return self.process, self.split, self.costs
 
     def _choose_split(self) -> None:
-        pipe = self.pipeline
-        candidates = candidate_splits(pipe.target.device)
+        candidates = candidate_splits(self.target.device)
         results: list[tuple[float, int, ThreadSplit, SplitCosts]] = []
         started: list[DraftProcess] = []
         try:
@@ -162,6 +159,13 @@ class DuoRuntime:
         ]
         self.report.append(f"chosen: {self.split.label}")
 
+    def predicted_rate(self, alpha: float) -> float:
+        """Tokens per second the best measured placement promises at acceptance `alpha` (measuring
+        the placements first if need be): what `auto` compares with the in-process methods."""
+        if self.costs is None:
+            self._choose_split()
+        return self.costs.predicted_rate(alpha)[0]
+
     # -- generation -------------------------------------------------------------------------------
     def planner(self, gamma: int | None) -> DuoPlanner:
         assert self.costs is not None
@@ -174,9 +178,9 @@ class DuoRuntime:
         reuse_draft: the draft process keeps the prefix shared with its last sequence."""
         process, split, _ = self.prepare()
         try:
-            with target_placement(self.pipeline.target, split):
+            with target_placement(self.target, split):
                 source = DuoSource(process, planner, reuse=reuse_draft, on_lost=self._lost)
-                yield from generate_tokens(self.pipeline.target, source, prompt_ids, request, self.pipeline.eos_ids, stats, self.timeline)
+                yield from generate_tokens(self.target, source, prompt_ids, request, self.eos_ids, stats, self.timeline)
         finally:
             self._track(planner)
 
@@ -201,7 +205,7 @@ class DuoRuntime:
         self.costs = SplitCosts(target or old.target_pass_seconds, step if step is not None else old.draft_step_seconds)
         kept = keep_measurement(self._keys.get(self.split), _as_json(self.costs))
         self.measured[self.split] = self.costs
-        self.pipeline._note(
+        self.book.notes(
             f"duo costs corrected from real rounds: target t(1) {old.target_pass_seconds[min(old.target_pass_seconds)]:.3f} -> "
             f"{self.costs.target_pass_seconds[min(self.costs.target_pass_seconds)]:.3f} s, draft step {old.draft_step_seconds:.3f} -> "
             f"{self.costs.draft_step_seconds:.3f} s{', kept on disk' if kept else ''}"
@@ -215,7 +219,7 @@ class DuoRuntime:
             return
         best = max(self.measured, key=lambda split: self.measured[split].predicted_rate()[0])
         if best != self.split:
-            self.pipeline._note(f"duo moves to {best.label}: the real rounds of {self.split.label} were slower than measured")
+            self.book.notes(f"duo moves to {best.label}: the real rounds of {self.split.label} were slower than measured")
             self.close()
             self.split, self.costs = best, self.measured[best]
 

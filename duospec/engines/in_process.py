@@ -73,7 +73,7 @@ class InProcessSource:
             return
         self.drafter.feedback(verdict)
         self.policy.observe_round(tree, verdict)  # re-budgets the next round from this one's outcome
-        self.stats.alpha_estimate = self.policy.alpha
+        self.stats.acceptance_estimate = self.policy.alpha
 
     def end(self) -> None:
         """The draft cache stays as it is: the next request's first proposal reuses its prefix."""

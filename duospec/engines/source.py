@@ -43,7 +43,7 @@ class RoundSource(Protocol):
     def begin(self, prompt_ids: list[int], sampling: SamplingConfig, generator: torch.Generator, stats: GenerationStats) -> None:
         """A new generation, before the prompt's pass (a draft process prefills meanwhile).
         generator: the target's, for sources that draw where the target draws; stats: this
-        generation's, for what a source reports (alpha_estimate, fallback)."""
+        generation's, for what a source reports (acceptance_estimate, fallback)."""
         ...
 
     def propose(self, context: list[int], room: int, cells: int) -> TokenTree | None:

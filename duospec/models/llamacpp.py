@@ -166,12 +166,6 @@ class LlamaCppModel:
         self.threads = threads
 
     # -- metadata ---------------------------------------------------------------------------------
-    def metadata(self, key: str) -> str | None:
-        """A GGUF metadata value as text (e.g. "general.name"), None when absent."""
-        buffer = ctypes.create_string_buffer(4096)
-        length = self._lib.llama_model_meta_val_str(self._model, key.encode(), buffer, len(buffer))
-        return buffer.value.decode("utf-8", "replace") if length >= 0 else None
-
     def end_of_generation_ids(self) -> frozenset[int]:
         """The ids llama.cpp itself stops on (EOS, EOT and the model's other end-of-generation tokens)."""
         return frozenset(i for i in range(self.vocab_size) if self._lib.llama_vocab_is_eog(self._vocab, i))
