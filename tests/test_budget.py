@@ -169,3 +169,16 @@ def test_every_budget_implements_the_policy_protocol():
         assert isinstance(policy, BudgetPolicy), type(policy).__name__
         policy.reset()
         assert policy.next_budget().max_tokens >= 0 and isinstance(policy.describe(), str) and policy.describe()
+
+
+def test_accepted_node_ranks_worked_example():
+    """budget/tree.py's docstring example: ranks follow the log-probabilities, not the node order."""
+    import torch
+
+    from duospec.budget.tree import accepted_node_ranks
+    from duospec.tree import TokenTree
+    from duospec.verify import Verdict
+
+    tree = TokenTree(tokens=torch.tensor([7, 3, 5, 9]), parents=(-1, 0, 0, 1), log_probs=torch.tensor([0.0, -0.1, -2.0, -0.5]))
+    assert accepted_node_ranks(tree, Verdict(path=[0, 1, 3], next_token=4)) == [0, 1]  # Not [0, 2]
+    assert accepted_node_ranks(tree, Verdict(path=[0, 2], next_token=4)) == [2]

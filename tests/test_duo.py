@@ -685,3 +685,34 @@ def test_the_check_catches_a_chain_kept_past_a_rejection(draft_module):
     assert state.model.cache_len <= len(state.committed) - 1 + len(state.chain)
     with pytest.raises(AssertionError, match="close|equal"):
         check_draft_cache(state, draft_module)
+
+
+def test_alternative_first_tokens_never_take_more_cache_cells_than_are_left():
+    """Near the context's end a duo tree must fit the cells left (every node takes one). The chain was
+    capped by `room`; the alternative first tokens were not (found in the one-round-loop review)."""
+    import torch
+
+    from duospec.budget.duo import DuoPlanner
+    from duospec.budget.model import CostProfile
+    from duospec.config import SamplingConfig
+    from duospec.engines.duo import DuoSource
+    from duospec.models.hf import HFModel
+    from duospec.stats import GenerationStats
+    from inprocess_draft import InProcessDraft
+    from tiny_models import tiny_model
+
+    flat = CostProfile({1: 0.010, 2: 0.010, 4: 0.0105, 8: 0.011, 16: 0.012, 33: 0.015})  # extra nodes cost nothing
+    sizes = {}
+    for cells in (64, 2):
+        draft = InProcessDraft(HFModel(tiny_model(seed=1)), 64, lambda round_: 4)
+        source = DuoSource(draft, DuoPlanner(flat, 0.001), max_sequences=8)
+        prompt = [3, 5, 7, 9]
+        source.begin(prompt, SamplingConfig(), torch.Generator().manual_seed(0), GenerationStats("duo", len(prompt)))
+        source.commit([11])
+        source.propose([*prompt, 11], room=2, cells=64)  # the first round waits for one token
+        source.commit([12])
+        tree = source.propose([*prompt, 11, 12], room=2, cells=cells)
+        sizes[cells] = 0 if tree is None else tree.n_draft
+        source.end()
+    assert sizes[64] > 2, "no alternatives were proposed: the test would not see the cap"
+    assert sizes[2] <= 2  # Not more: the cells left bound the whole tree

@@ -178,6 +178,7 @@ class DuoSource:
             return None
         root, chain = context[-1], reply.tokens[:gamma]
         alternatives = self.planner.choose_alternatives(list(reply.alternatives), list(reply.alternative_probs), gamma, self.max_sequences - 1)
+        alternatives = alternatives[: max(0, cells - gamma)]  # every node takes a cache cell: near the context's end they run out
         if alternatives:
             self._predicted = predicted + sum(reply.alternative_probs[: len(alternatives)])
             return tree_from_sequences(root, [chain, *([token] for token in alternatives)])
@@ -196,7 +197,7 @@ class DuoSource:
         self.planner.observe_pass(tree.n_nodes, outcome.target_wall_seconds)
         if tree.n_draft:
             self.planner.observe(self._predicted, tree.n_draft, outcome.verdict.n_accepted)
-            self.stats.alpha_estimate = self.planner.calibration
+            self.stats.acceptance_estimate = self.planner.policy.alpha
 
     def end(self) -> None:
         """The draft process stops drafting ahead and stays loaded for the next generation."""
