@@ -302,7 +302,7 @@ def stream_or_whole(server, body: dict) -> tuple[int, str, dict]:
     """(status, the answer's text, headers) of a completion request, streamed or not."""
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
     try:
-        connection.request("POST", "/v1/completions", body=json.dumps(body), headers={"Authorization": f"Bearer {API_KEY}"})
+        connection.request("POST", "/v1/completions", body=json.dumps(body), headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
         response = connection.getresponse()
         raw = response.read().decode()
         headers = dict(response.getheaders())
@@ -319,7 +319,7 @@ def stream_or_whole(server, body: dict) -> tuple[int, str, dict]:
 
 def completion_connection(server, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse | None]:
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
-    connection.request("POST", "/v1/completions", body=json.dumps(body), headers={"Authorization": f"Bearer {API_KEY}"})
+    connection.request("POST", "/v1/completions", body=json.dumps(body), headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
     return connection, (connection.getresponse() if body.get("stream") else None)
 
 
@@ -380,7 +380,7 @@ def test_a_body_cut_off_mid_upload_is_no_server_error(server):
     import socket
 
     raw = socket.create_connection(("127.0.0.1", server.port))
-    raw.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nContent-Length: 1000\r\n\r\n{{\"prompt\": ".encode())
+    raw.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"prompt\": ".encode())
     time.sleep(0.2)
     raw.close()
     server.wait_for_log(r"POST /v1/completions 499 .*before sending the whole body")
@@ -398,7 +398,7 @@ def test_signal_cancels_the_stream_in_flight_exits_0_and_leaves_no_child(checkpo
         children = server.children()
         assert children or method != "duo", "duo's draft process should be running after the warm-up"
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-        connection.request("POST", "/v1/completions", body=json.dumps({"prompt": "abc", "max_tokens": 1400, "temperature": 0, "stream": True}))
+        connection.request("POST", "/v1/completions", body=json.dumps({"prompt": "abc", "max_tokens": 1400, "temperature": 0, "stream": True}), headers={"Content-Type": "application/json"})
         response = connection.getresponse()
         assert response.status == 200
         first = response.readline()  # the first event: generation is under way

@@ -1,20 +1,21 @@
 """The FastAPI app: OpenAI's chat and text completion endpoints (streaming over server-sent events and
 not), /v1/models, /health and /metrics, in front of one loaded Pipeline.
 
-Each handler checks the request completely (auth, body size, JSON, fields, model, method, prompt
-length, max_tokens) before it takes a queue slot, so a bad request costs no model time and gets its
-4xx at once; then it admits a Job and turns the generating thread's events into the response.
+Each handler checks the request completely (auth, content type, body size and deadline, JSON, fields,
+model, method, prompt length, max_tokens) before it takes a queue slot, so a bad request costs no model
+time and gets its 4xx at once; then it admits a Job and turns the generating thread's events into the
+response. What untrusted clients cannot do (docs/server.md, "Hardening"): inject control tokens
+(encoding.py), forge log lines (logs.py), hold a connection open by sending slowly (connections.py and
+the body deadline here), send a body a browser could send cross-site without asking (415).
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import hmac
 import json
 import logging
 import secrets
-import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,10 +28,11 @@ from jinja2 import TemplateError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from duospec.api import encode_prompt
 from duospec.config import DuospecError, GenerationRequest, SamplingConfig
 from duospec.drafting import METHODS
+from duospec.server.encoding import PromptEncoder, prompt_bytes
 from duospec.server.errors import APIError, bad_request
+from duospec.server.logs import install_log_escaping
 from duospec.server.metrics import CONTENT_TYPE, ServerMetrics
 from duospec.server.scheduler import STATUS_CLIENT_CLOSED, Delta, Failed, Finished, Job, Scheduler
 from duospec.server.schema import GenerationSpec, parse_chat, parse_completion, parse_json
@@ -51,17 +53,19 @@ class ServerSettings:
     max_tokens: int = 4096  # the most a request may ask for (and the default, within the context)
     max_prompt_tokens: int | None = None  # None: the context minus one
     max_body_bytes: int = 2_000_000
+    request_timeout: float = 30.0  # seconds for a request's head, and again for its body (408 beyond)
+    max_connections: int = 100  # open connections and requests in flight; more get 503 (uvicorn's limit_concurrency)
+    allow_special_tokens: bool = False  # True: control-token text in prompts is parsed as control tokens
 
 
 class ServerState:
-    """The pipeline, a tokenizer of the handlers' own, the scheduler and the metrics."""
+    """The pipeline, the handlers' prompt encoder (tokenizer copies of its own), the scheduler and the metrics."""
 
     def __init__(self, pipeline, settings: ServerSettings) -> None:
         self.pipeline = pipeline
         self.settings = settings
-        # The generating thread uses the pipeline's tokenizer; handlers encode prompts with a copy.
-        self.tokenizer = copy.deepcopy(pipeline.tokenizer)
-        self.tokenizer_lock = threading.Lock()  # handlers encode in worker threads (off the event loop)
+        # The generating thread uses the pipeline's tokenizer; handlers encode prompts with copies.
+        self.encoder = PromptEncoder(pipeline.tokenizer, pipeline.target.vocab_size, allow_special_tokens=settings.allow_special_tokens)
         self.loop: asyncio.AbstractEventLoop | None = None  # set at start-up: signals hand work to it
         self.context = pipeline.target.max_context
         self.metrics = ServerMetrics(lambda: self.scheduler.waiting, lambda: self.scheduler.running)
@@ -79,8 +83,10 @@ def create_app(pipeline, settings: ServerSettings) -> FastAPI:
         try:
             yield
         finally:
+            state.encoder.close()
             await asyncio.to_thread(state.scheduler.close)
 
+    install_log_escaping(("duospec.server",))  # what clients send reaches the log escaped (logs.py)
     app = FastAPI(title="duospec", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.duospec = state
 
@@ -152,12 +158,30 @@ def _check_api_key(state: ServerState, request: Request) -> None:
         raise APIError(401, "missing or wrong API key; send the header 'Authorization: Bearer <key>' with the server's --api-key", code="invalid_api_key")
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, or a 413 as soon as it passes `limit` bytes (a declared length is checked first)."""
+def _check_content_type(request: Request) -> None:
+    """Only JSON bodies: a browser sends text/plain, form or typeless bodies to any site without asking
+    it first (CORS), so a page could otherwise drive a keyless server on this machine."""
+    given = request.headers.get("content-type")
+    if (given or "").split(";")[0].strip().lower() != "application/json":
+        shown = "none" if given is None else repr(given)
+        raise APIError(415, f"the request body must be JSON, sent with the header 'Content-Type: application/json' (got {shown})", param="Content-Type", code="unsupported_media_type")
+
+
+async def _read_body(request: Request, limit: int, seconds: float) -> bytes:
+    """The body, or a 413 as soon as it passes `limit` bytes (a declared length is checked first), or
+    a 408 (closing the connection) when it has not all arrived within `seconds`."""
     too_large = APIError(413, f"the request body is over the server's limit of {limit} bytes (--max-body-bytes)", code="request_too_large")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
+    try:
+        return await asyncio.wait_for(_receive_body(request, limit, too_large), seconds)
+    except asyncio.TimeoutError:
+        message = f"the request body did not arrive within {seconds:g} s (--request-timeout); the connection is closed"
+        raise APIError(408, message, code="request_timeout", headers={"Connection": "close"}) from None
+
+
+async def _receive_body(request: Request, limit: int, too_large: APIError) -> bytes:
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
@@ -187,21 +211,41 @@ def _method(state: ServerState, spec: GenerationSpec) -> str:
     return method
 
 
-def _encode(state: ServerState, spec: GenerationSpec) -> list[int]:
-    """The prompt's token ids (run in a worker thread: a long prompt must not stall the event loop)."""
+async def _encode(state: ServerState, spec: GenerationSpec) -> list[int]:
+    """The prompt's token ids (in the encoder's threads: a long prompt must not stall the event loop,
+    nor the short prompts beside it)."""
     chat = spec.endpoint == "chat"
     try:
-        with state.tokenizer_lock:
-            return encode_prompt(state.tokenizer, state.pipeline.target.vocab_size, spec.prompt, chat)
+        return await state.encoder.encode(spec.prompt, chat)
     except DuospecError as error:
         raise bad_request(str(error), param="messages" if chat else "prompt") from None
     except TemplateError as error:  # e.g. a template that wants user/assistant turns to alternate
         raise bad_request(f"the model's chat template refuses these messages: {error}", param="messages") from None
 
 
+def _check_prompt_bytes(state: ServerState, spec: GenerationSpec) -> None:
+    """A 400 for a prompt with more bytes than its token limit can hold, before any tokenizing (the
+    encoder knows how many bytes of text one token can stand for, at most)."""
+    if isinstance(spec.prompt, list) and not all(isinstance(message, dict) for message in spec.prompt):
+        return  # token ids: counted as they are
+    context_limit = None if state.context is None else state.context - 1
+    server_limit = state.settings.max_prompt_tokens
+    limit = min(limit for limit in (context_limit, server_limit, 2**62) if limit is not None)
+    bound = state.encoder.max_prompt_bytes(limit)
+    size = prompt_bytes(spec.prompt)
+    if bound is not None and size > bound:
+        why = f"the model's context holds {state.context}" if limit == context_limit else "--max-prompt-tokens"
+        raise bad_request(
+            f"the prompt's text is {size} bytes, more than {limit} tokens can hold ({why}): one token of this model stands for "
+            f"at most {state.encoder.bytes_per_token} bytes of text, so the prompt was refused without tokenizing it; shorten it",
+            param="messages" if spec.endpoint == "chat" else "prompt", code="context_length_exceeded",
+        )
+
+
 async def _prompt_ids(state: ServerState, spec: GenerationSpec) -> list[int]:
     chat = spec.endpoint == "chat"
-    ids = await asyncio.to_thread(_encode, state, spec)
+    _check_prompt_bytes(state, spec)
+    ids = await _encode(state, spec)
     limit = state.settings.max_prompt_tokens
     if state.context is not None and len(ids) >= state.context:
         raise bad_request(
@@ -260,7 +304,8 @@ async def _guarded(state: ServerState, request: Request, parse) -> Response:
 
 async def _complete(state: ServerState, request: Request, parse) -> Response:
     _check_api_key(state, request)
-    spec = parse(parse_json(await _read_body(request, state.settings.max_body_bytes)))
+    _check_content_type(request)
+    spec = parse(parse_json(await _read_body(request, state.settings.max_body_bytes, state.settings.request_timeout)))
     if spec.model is not None and spec.model != state.settings.model_name:
         raise _unknown_model(state, spec.model)
     method = _method(state, spec)

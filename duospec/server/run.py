@@ -36,6 +36,9 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:
     group.add_argument("--max-tokens", type=int, default=4096, help="the most tokens a request may ask for; also the default, within the context (default 4096)")
     group.add_argument("--max-prompt-tokens", type=int, default=None, help="the longest prompt accepted, in tokens (default: the context minus one)")
     group.add_argument("--max-body-bytes", type=int, default=2_000_000, help="the largest request body accepted (default 2000000)")
+    group.add_argument("--request-timeout", type=float, default=30.0, help="seconds a client has to send a request's head, and again its body; slower gets 408 and the connection closes (default 30)")
+    group.add_argument("--max-connections", type=int, default=100, help="open connections (and requests in flight) at once; a request beyond gets 503 (default 100)")
+    group.add_argument("--allow-special-tokens", action="store_true", help="parse control-token text in prompts and message contents (<|im_end|>, ...) as control tokens, as before; by default it is plain text")
     group.add_argument("--verbose", action="store_true", help="print each request's budget choice (costs, method) too")
     add_model_arguments(serve)
     serve.set_defaults(handler=run_serve)
@@ -45,11 +48,12 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError as missing:
         raise DuospecError(f"duospec serve needs FastAPI, uvicorn and prometheus-client ({missing.name} is missing): pip install 'duospec[serve]'") from None
     from duospec.cli_options import load_pipeline
     from duospec.server.app import ServerSettings, create_app
+    from duospec.server.connections import uvicorn_config
 
     _check_flags(args)
     api_key = args.api_key if args.api_key is not None else os.environ.get("DUOSPEC_API_KEY") or None
@@ -69,9 +73,12 @@ def run_serve(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             max_prompt_tokens=args.max_prompt_tokens,
             max_body_bytes=args.max_body_bytes,
+            request_timeout=args.request_timeout,
+            max_connections=args.max_connections,
+            allow_special_tokens=args.allow_special_tokens,
         )
         app = create_app(pipe, settings)
-        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, lifespan="on")
+        config = uvicorn_config(app, settings, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
         server = _graceful_server(config, on_exit=_shutdown_callback(app.state.duospec))
         host, port = listener.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
@@ -90,9 +97,11 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise DuospecError(f"unknown method {args.method!r} for --method; choose one of: {', '.join(METHODS)}")
     if not 0 <= args.port <= 65535:
         raise DuospecError(f"--port must be in 0..65535, got {args.port}")
-    for flag, value, low in (("--max-queue", args.max_queue, 0), ("--max-tokens", args.max_tokens, 1), ("--max-body-bytes", args.max_body_bytes, 1024)):
+    for flag, value, low in (("--max-queue", args.max_queue, 0), ("--max-tokens", args.max_tokens, 1), ("--max-body-bytes", args.max_body_bytes, 1024), ("--max-connections", args.max_connections, 1)):
         if value < low:
             raise DuospecError(f"{flag} must be at least {low}, got {value}")
+    if not 0 < args.request_timeout <= 24 * 3600:  # NaN fails this too
+        raise DuospecError(f"--request-timeout must be a number of seconds above 0 (at most a day), got {args.request_timeout}")
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         raise DuospecError(f"--max-prompt-tokens must be at least 1, got {args.max_prompt_tokens}")
     from duospec.models.registry import DEFAULT_TARGET
@@ -118,7 +127,10 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def _configure_logging() -> None:
-    """Request lines on stderr: 'time duospec.server: <id> <endpoint> <status> method=... tokens ...'."""
+    """Request lines on stderr: 'time duospec.server: <id> <endpoint> <status> method=... tokens ...',
+    with control characters escaped (duospec/server/logs.py: a client cannot forge a line)."""
+    from duospec.server.logs import install_log_escaping
+
     logger = logging.getLogger("duospec.server")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -126,6 +138,7 @@ def _configure_logging() -> None:
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    install_log_escaping(("duospec.server",))
 
 
 def _warm_up(pipe, method: str) -> None:

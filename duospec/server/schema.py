@@ -9,6 +9,7 @@ that names them, so no client believes it got what it did not.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -111,7 +112,37 @@ def parse_json(body: bytes) -> dict:
         raise bad_request(f"the request body is not valid JSON ({reason}); send a JSON object") from None
     if not isinstance(data, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
+    if _SURROGATE.search(body):  # json.loads lets them through, escaped (\ud800) or as raw bytes (ED A0 80)
+        _refuse_lone_surrogates(data)
     return data
+
+
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def _refuse_lone_surrogates(data: dict) -> None:
+    """A 400 naming the first string (or key) holding a UTF-16 surrogate without its pair: it is not
+    text (no UTF-8 spelling), so no tokenizer, log or response could carry it."""
+    pending: list[tuple[str, object]] = [("", data)]
+    while pending:  # iterative: the JSON may nest as deep as json.loads allows
+        where, value = pending.pop()
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            path = f"{where}.{key}" if where else str(key)
+            if isinstance(key, str) and not _is_text(key):
+                raise bad_request(f"a field name in '{where or 'the body'}' holds a lone UTF-16 surrogate (U+D800-U+DFFF without its pair), which is not text; send text as UTF-8 or as \\u escapes of whole pairs")
+            if isinstance(item, str) and not _is_text(item):
+                raise bad_request(f"field '{path}' holds a lone UTF-16 surrogate (U+D800-U+DFFF without its pair), which is not text; send text as UTF-8 or as \\u escapes of whole pairs", param=path.split(".")[0])
+            if isinstance(item, (dict, list)):
+                pending.append((path, item))
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _validated(model: type[_Body], data: dict) -> _Body:
