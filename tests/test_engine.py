@@ -258,3 +258,24 @@ def test_lenience_raises_acceptance_and_one_is_exact(target, temperature):
         for prompt in PROMPTS:
             autoregressive = pipe.generate(prompt, method="ar", max_new_tokens=40)
             assert pipe.generate(prompt, lenience=1.0, **options).token_ids == autoregressive.token_ids
+
+
+def test_costs_measured_up_front_leave_nothing_to_measure_in_a_request(target, monkeypatch):
+    """What a server does before it listens (engines/start.py measure_costs): afterwards no request,
+    specexec's included, runs a cost measurement (issue 24: a first specexec request measured its
+    tree costs for 116 s while every other client waited)."""
+    import duospec.budget.book
+    from duospec.drafting import METHODS
+    from duospec.engines.start import measure_costs
+
+    pipe = tiny_pipeline(target, perturbed(target, noise=0.2, seed=7))
+    measured = measure_costs(pipe, list(METHODS), "sd")
+    assert measured == ["target pass curve", "draft step", "specexec tree costs"]  # duo: not where it cannot pay
+
+    def no_measurement(*args, **kwargs):
+        raise AssertionError("a request measured costs")
+
+    for name in ("target_costs_for", "draft_step_for", "growing_costs_for"):
+        monkeypatch.setattr(duospec.budget.book, name, no_measurement)
+    for method in ("sd", "pld", "suffix", "specexec", "multiseq", "auto"):
+        assert pipe.generate(PROMPTS[0], method=method, max_new_tokens=6).stats.new_tokens == 6

@@ -486,3 +486,10 @@ def test_real_pair_openai_client_gets_the_tokens_of_duospec_generate(tmp_path, c
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected["text"]
     finally:
         assert server.stop() == 0, server.log
+
+
+def test_costs_are_measured_before_the_server_listens(server):
+    """Every cost a request could need is measured at start-up, never inside a request (issue 24)."""
+    line = server.wait_for_log(r"costs ready before serving: ([^\n]+)")
+    assert line.group(1).split(", ") == ["target pass curve", "draft step", "specexec tree costs"]
+    assert server.log.index("costs ready before serving") < server.log.index("serving 'tiny'")

@@ -20,7 +20,7 @@ from duospec.budget.model import DRAFT_MARGIN, CostProfile, best_gamma, expected
 from duospec.budget.policy import PROBE_ALPHA, GammaPolicy
 from duospec.budget.tree import TreeBudgetPolicy
 from duospec.config import DuospecError, GenerationRequest
-from duospec.drafting import MethodSpec
+from duospec.drafting import MethodSpec, method_spec
 from duospec.drafting.auto import AutoDrafter
 from duospec.drafting.chain import ChainDrafter
 from duospec.drafting.specexec import DEFAULT_DEPTH
@@ -161,6 +161,27 @@ def _duo_pays(pipe: Pipeline, sequential_rate: float) -> bool:
     if pipe.verbose:
         print(f"duospec: auto: duo promises {duo_rate:.1f} tok/s, the best in-process method {sequential_rate:.1f} tok/s (alpha {pipe.auto_alpha:.2f})", file=sys.stderr)
     return duo_rate > sequential_rate * (1 + DRAFT_MARGIN)
+
+
+def measure_costs(pipe: Pipeline, names: list[str], default: str) -> list[str]:
+    """Measure (or read from disk, spot-checked) every cost the budgets of `names` need, so that no
+    request pays for a measurement (a server measures before it listens: a first specexec request once
+    measured its tree costs for 116 s while every other client waited). Duo's thread split starts draft
+    processes, so it is measured only where duo can pay: the default method is duo, or auto on a GPU or
+    4+ cores. Returns what was measured, for the start-up line."""
+    specs = [method_spec(name) for name in names if not method_spec(name).needs_draft_model or pipe.has_draft]
+    measured = ["target pass curve"]
+    pipe.costs.target_profile()
+    if pipe.has_draft and any(spec.needs_draft_model or spec.engine == "auto" for spec in specs):
+        pipe.costs.draft_step_seconds()
+        measured.append("draft step")
+    if pipe.has_draft and any(spec.engine == "tree" for spec in specs):
+        pipe.costs.tree_costs(DEFAULT_DEPTH)
+        measured.append("specexec tree costs")
+    if pipe.has_draft and (default == "duo" or (default == "auto" and duo_is_a_candidate(pipe.target.device))):
+        pipe.duo_runtime().predicted_rate(pipe.auto_alpha)
+        measured.append("duo thread split")
+    return measured
 
 
 def duo_is_a_candidate(device: torch.device) -> bool:

@@ -142,8 +142,13 @@ def _configure_logging() -> None:
 
 
 def _warm_up(pipe, method: str) -> None:
-    """One short generation with the default method before listening: loading its draft and measuring
-    its costs (once per machine, kept on disk) happens here, not in the first request's time to first token."""
+    """Before listening: measure the costs every method a request may name needs (once per machine,
+    kept on disk; engines/start.py's measure_costs), then one short generation with the default
+    method, so that no request's time holds a measurement or a model load."""
+    from duospec.engines.start import measure_costs
+
+    measured = measure_costs(pipe, list(METHODS), method)
+    print(f"duospec: costs ready before serving: {', '.join(measured)}", file=sys.stderr, flush=True)
     pipe.generate(pipe.encode("Hello", chat=False), method=method, max_new_tokens=4, temperature=0.0)
 
 
