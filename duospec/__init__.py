@@ -1,4 +1,4 @@
-"""duospec: lossless speculative decoding (speculative decoding, prompt lookup; SpecExec and DuoDecoding to come)."""
+"""duospec: lossless speculative decoding on the hardware you have (speculative decoding, prompt lookup, suffix decoding, SpecExec, DuoDecoding, auto)."""
 
 from duospec.api import GenerationInterrupted, GenerationResult, Pipeline, StreamChunk, load
 from duospec.config import DuospecError, SamplingConfig
