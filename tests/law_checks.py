@@ -64,3 +64,17 @@ def law_sum_tolerance(vocab: int, dtype: torch.dtype = torch.float32) -> float:
     division by the normaliser, and the normaliser and the check each sum `vocab` terms, adding up to
     (vocab - 1) / 2 ulps relative. Measured at most 0.12 * vocab ulps (softmax, vocab 33-50)."""
     return 2 * vocab * torch.finfo(dtype).eps
+
+
+def first_tokens(chunks, k: int) -> list[int]:
+    """The first k tokens of a generation's chunks; the rounds after them never run."""
+    tokens: list[int] = []
+    try:
+        for chunk in chunks:
+            tokens += chunk
+            if len(tokens) >= k:
+                break
+    finally:
+        chunks.close()
+    assert len(tokens) >= k
+    return tokens[:k]

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 from inprocess_draft import InProcessDraft
-from law_checks import goodness_of_fit
+from law_checks import first_tokens, goodness_of_fit
 from tiny_models import perturbed, tiny_config
 from transformers import Qwen2ForCausalLM
 
@@ -271,20 +271,6 @@ def seeded(sampling: SamplingConfig, seed: int) -> SamplingConfig:
     return SamplingConfig(sampling.temperature, sampling.top_k, sampling.top_p, seed)
 
 
-def take_k(chunks) -> list[int]:
-    """The first K tokens of a generation; the rounds after them never run."""
-    tokens: list[int] = []
-    try:
-        for chunk in chunks:
-            tokens += chunk
-            if len(tokens) >= K:
-                break
-    finally:
-        chunks.close()
-    assert len(tokens) >= K
-    return tokens[:K]
-
-
 def run_in_process(target, drafter, policy, sampling: SamplingConfig, samples: int, first_seed: int = 0):
     """counts [V] * K of the first K new tokens over seeded runs of the loop with an in-process drafter."""
     counts = torch.zeros([VOCAB] * K)
@@ -292,7 +278,7 @@ def run_in_process(target, drafter, policy, sampling: SamplingConfig, samples: i
     for seed in range(first_seed, first_seed + samples):
         request = GenerationRequest(method="sd", max_new_tokens=MAX_NEW, sampling=seeded(sampling, seed))
         stats = GenerationStats("law", len(PROMPT))
-        counts[tuple(take_k(generate_tokens(target, InProcessSource(drafter, policy), PROMPT, request, frozenset(), stats)))] += 1
+        counts[tuple(first_tokens(generate_tokens(target, InProcessSource(drafter, policy), PROMPT, request, frozenset(), stats), K))] += 1
         exercise.add(stats)
     if isinstance(drafter, RecordingDrafter):
         exercise.kinds.update(drafter.kinds)
@@ -341,7 +327,7 @@ def run_duo(target, draft_module, planner: DuoPlanner, sampling: SamplingConfig,
     for seed in range(first_seed, first_seed + samples):
         request = GenerationRequest(method="duo", max_new_tokens=MAX_NEW, sampling=seeded(sampling, seed))
         stats = GenerationStats("duo", len(PROMPT))
-        counts[tuple(take_k(generate_tokens(target, DuoSource(draft, planner), PROMPT, request, frozenset(), stats)))] += 1
+        counts[tuple(first_tokens(generate_tokens(target, DuoSource(draft, planner), PROMPT, request, frozenset(), stats), K))] += 1
         assert stats.fallback == ""
         exercise.add(stats)
     exercise.kinds["kept past a commit"] += sum(ready > 0 for ready in draft.ready_at_take)

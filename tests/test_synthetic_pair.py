@@ -35,8 +35,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from bench_fixtures import one_thread
 from inprocess_draft import InProcessDraft
-from law_checks import goodness_of_fit
+from law_checks import first_tokens, goodness_of_fit
 
 from duospec.budget.duo import DuoPlanner
 from duospec.budget.model import CostProfile
@@ -55,12 +56,9 @@ FLAT = CostProfile({1: 0.010, 2: 0.010, 4: 0.0105, 8: 0.011, 16: 0.012, 33: 0.01
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: threads only add overhead (and the machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread():
+    with one_thread():  # tiny matmuls: threads only add overhead (and the machine is shared)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -177,15 +175,7 @@ def test_sampled_duo_keeps_the_target_law():
         stats = GenerationStats("duo", len(LAW_PROMPT))
         request = GenerationRequest(method="duo", max_new_tokens=32, sampling=sampling)
         chunks = generate_tokens(target, DuoSource(draft, DuoPlanner(FLAT, 0.001), max_sequences=1), LAW_PROMPT, request, frozenset(), stats)
-        tokens: list[int] = []
-        try:
-            for chunk in chunks:
-                tokens += chunk
-                if len(tokens) >= K:
-                    break
-        finally:
-            chunks.close()
-        counts[tuple(tokens[:K])] += 1
+        counts[tuple(first_tokens(chunks, K))] += 1
         drafted, accepted = drafted + stats.drafted_tokens, accepted + stats.accepted_tokens
         later += stats.tokens_per_pass[0] + stats.tokens_per_pass[1] < K  # tokens came from round 2 or later
     assert 0.1 < accepted / drafted < 0.9, (accepted, drafted)  # acceptance and rejection both ran
