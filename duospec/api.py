@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -218,11 +218,11 @@ class Pipeline:
         # The measured costs every budget is built from (budget/book.py); --verbose prints their diagnostics.
         labels = (f"target ({backend})", f"draft ({self.draft_backend})")
         self.costs = CostBook(target, cost_identity, lambda: (self.draft, self._draft_identity), Notes(progress), labels)
+        self._default_mode_costs: CostBook | None = None  # the default mode's own figures (default_mode)
         self.auto_alpha = 0.8  # acceptance `auto` expects of the draft model, learned across requests
         # Each model's KV cache outlives its request; the next request reuses the prefix it shares
         # (models/prefix.py). False: every request starts from empty caches (forget_prefixes).
         self.prefix_cache = prefix_cache
-        self._duo_cold = False  # the duo draft process resets at its next sequence (forget_prefixes)
         # Earlier requests' tokens, which suffix decoding drafts from ("shared"); "request" keeps none,
         # so one request's text never shapes another's drafts (or their timing).
         self.suffix_scope = suffix_scope
@@ -256,15 +256,22 @@ class Pipeline:
         if not self.deterministic:
             yield
             return
-        if getattr(self, "_default_mode_costs", None) is None:
+        if self._default_mode_costs is None:
             self._default_mode_costs = self.costs.without_mode("deterministic")
-        deterministic_costs, self.costs = self.costs, self._default_mode_costs
+        deterministic_costs = self.costs
+        self._use_costs(self._default_mode_costs)
         self.target.set_deterministic(False)
         try:
             yield
         finally:
-            self._default_mode_costs, self.costs = self.costs, deterministic_costs
+            self._default_mode_costs = self.costs
+            self._use_costs(deterministic_costs)
             self.target.set_deterministic(True)
+
+    def _use_costs(self, book: CostBook) -> None:
+        self.costs = book
+        if self._duo is not None:
+            self._duo.book = book  # the duo runtime measures with the mode's book too (its keys follow the mode)
 
     @property
     def attached_draft(self) -> Model | None:
@@ -305,6 +312,7 @@ class Pipeline:
         self._draft = model
         self._draft_identity = None
         self.costs.forget_draft()
+        self._default_mode_costs = None  # measured with the old draft
         self._draft_attached = True
         if self._duo is not None:
             self._duo.close()
@@ -326,7 +334,8 @@ class Pipeline:
         prefix.forget(self.target)
         if self._draft is not None:
             prefix.forget(self._draft)
-        self._duo_cold = True
+        if self._duo is not None:
+            self._duo.cold = True  # its draft process resets at its next sequence
 
     # -- prompts --------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int] | list[dict], chat: bool | None = None) -> list[int]:
@@ -384,17 +393,13 @@ class Pipeline:
             self._duo = DuoRuntime(self.target, self.eos_ids, self.costs, duo_draft(self))
         return self._duo
 
-    def take_duo_reuse(self) -> bool:
-        """Whether the duo draft process may keep the prefix its last sequence shares with the next
-        one (False once after forget_prefixes)."""
-        reuse, self._duo_cold = not self._duo_cold, False
-        return reuse
-
-    def learn_acceptance(self, chunks: Iterator[list[int]], stats: GenerationStats) -> Iterator[list[int]]:
-        """Pass the chunks through; afterwards remember the acceptance for the next auto choice."""
+    def learn_acceptance(self, chunks: Iterator[list[int]], estimate: Callable[[], float | None]) -> Iterator[list[int]]:
+        """Pass the chunks through; afterwards remember the draft model's acceptance (`estimate()`, None
+        when the request never drafted with it) for the next auto choice."""
         yield from chunks
-        if stats.acceptance_estimate is not None:
-            self.auto_alpha = 0.5 * self.auto_alpha + 0.5 * stats.acceptance_estimate
+        alpha = estimate()
+        if alpha is not None:
+            self.auto_alpha = 0.5 * self.auto_alpha + 0.5 * alpha
 
     def close(self) -> None:
         """Stop the draft process, if one runs (also done at exit). The pipeline stays usable."""

@@ -21,7 +21,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Model and hardware flags shared by every subcommand that loads models."""
     group = parser.add_argument_group("models and hardware")
     group.add_argument("--target", default=None, help="target model: embedded name, local directory or hub id (default: embedded Qwen2.5-Coder-1.5B-Instruct)")
-    group.add_argument("--draft", default=None, help="draft model for sd (default: embedded Qwen2.5-Coder-0.5B-Instruct with the default target)")
+    group.add_argument("--draft", default=None, help="draft model for sd, multiseq, specexec, duo and auto (default: embedded Qwen2.5-Coder-0.5B-Instruct with the default target)")
     group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
     group.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="weights and activations (default: bfloat16, faster than float32 on CPUs with bf16 support)")
     group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, usually the core count)")

@@ -144,3 +144,19 @@ def test_a_method_that_cannot_pay_says_why_in_measured_terms():
         assert note in summary_line(result.stats)
     pipeline.costs.target_costs = {1: 0.01, 2: 0.01, 4: 0.0105, 8: 0.011}
     assert pipeline.generate(PROMPT, method="sd", max_new_tokens=12).stats.choice_note == ""
+
+
+def test_auto_learns_the_draft_models_acceptance_only_from_its_rounds():
+    """auto_alpha is what auto expects of the draft model: rounds that copied a suffix (or drafted
+    nothing) must not move it (review of the acceptance_estimate rename); sd rounds do."""
+    target = tiny_model(0).float()
+    pipeline = tiny_pipeline(target, perturbed(target, 0.05, 1).float())
+    pipeline.costs.target_costs = {1: 0.01, 2: 0.02, 4: 0.04, 8: 0.08}  # steep: the draft model cannot pay
+    pipeline.costs.draft_step = 0.005
+    result = pipeline.generate(PROMPT, method="auto", max_new_tokens=16)
+    assert "sd" not in result.stats.auto_rounds and pipeline.auto_alpha == 0.8
+    pipeline.costs.target_costs = {1: 0.01, 2: 0.01, 4: 0.0105, 8: 0.011, 16: 0.012, 33: 0.015}  # flat: it pays
+    pipeline.costs.draft_step = 0.0005
+    pipeline.suffix_scope = "request"  # no copying from the first answer: the draft model drafts
+    result = pipeline.generate(PROMPT, method="auto", max_new_tokens=16)
+    assert result.stats.auto_rounds.get("sd", 0) > 0 and pipeline.auto_alpha != 0.8

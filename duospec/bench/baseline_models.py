@@ -45,8 +45,8 @@ class BaselineModels:
         """The draft exactly as transformers loads it (same checkpoint and dtype, no int8 weights):
         what a user of the transformers library would pass as assistant."""
         pipe = self.pipe
-        if self._draft is None and pipe.draft_backend == "transformers" and pipe.draft_quantization == "none":
-            self._draft = transformers_module(pipe.draft)
+        if pipe.draft_backend == "transformers" and pipe.draft_quantization == "none":
+            return transformers_module(pipe.draft)  # the pipeline's own (read each time: attach_draft may replace it)
         if self._draft is None:
             options = replace(pipe.draft_load_options(quantization="none"), backend="transformers", device=pipe.device, dtype=pipe.dtype)
             self._draft = transformers_module(pipe.load_draft(options, name=pipe.draft_source).model)

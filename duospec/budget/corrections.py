@@ -5,7 +5,7 @@ draft step, measured once per machine and kept on disk. One bad measurement used
 run: a first run on a busy machine measured a 0.047 s draft step as 1.46 s, kept it, and every later run
 decoded at gamma 1 (0.73 tokens/s instead of about 9). Three guards:
 
-1. Load detection (`under_load`): a measurement taken while other work competed for the CPU serves the
+1. Load detection (load.py's `under_load`): a measurement taken while other work competed for the CPU serves the
    run that took it but is never kept on disk.
 2. Spot check (`spot_check_agrees`): a kept figure is re-timed cheaply when it is read; one that is off
    by more than AGREEMENT_FACTOR is measured again in full and replaced.

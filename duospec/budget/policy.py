@@ -34,7 +34,7 @@ class DraftBudget:
     confidence_floors: tuple[float, ...] = ()
     # A tree's budget (SpecExec): max_tokens counts nodes, and what the request's end limits is the
     # tree's depth (a round emits at most depth + 1 tokens), not its node count; the context's end
-    # limits both (every node takes a cache cell: the sequential engine caps the count to the cells left).
+    # limits both (every node takes a cache cell: the round source caps the count to the cells left).
     tree: bool = False
     max_depth: int | None = None
 

@@ -49,7 +49,7 @@ class MethodSpec:
     needs_draft_model: bool
     # make_drafter(draft_model_or_None, target_model, request) -> Drafter or None (plain autoregressive)
     make_drafter: Callable[[object | None, object, object], Drafter | None]
-    # How the method starts (api.py): "sequential" (a drafter and its chain budget, in this process),
+    # How the method starts (engines/start.py's START): "sequential" (a drafter and its chain budget, in this process),
     # "tree" (SpecExec's node budget), "suffix" (a tree sized by the suffix policy), "duo" (the draft
     # process, engines/duo.py) or "auto"; every one runs through engines/rounds.py
     engine: str = "sequential"

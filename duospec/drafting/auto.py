@@ -8,7 +8,7 @@ matches or nothing pays), the draft model's GammaPolicy learns its acceptance on
 the suffix tree when one pays, else the draft model when its policy says that pays, else plain
 decoding. The evidence moves as the text does (code that repeats the prompt, then free prose), and
 the choice moves with it. Whether a separate draft process (`duo`) beats all of them is decided per
-request from its measured costs (api.py).
+request from its measured costs (engines/start.py: start_auto).
 
 Exact: every round is one of the exact methods, and which one runs depends only on the context
 and on earlier rounds, never on the tokens a round drafts.

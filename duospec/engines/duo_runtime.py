@@ -65,10 +65,11 @@ class DuoRuntime:
     """Owns the draft process of a pipeline's `duo` requests: the target it runs beside, the pipeline's
     cost book (for the load probe, the notes and the target's identity) and how to build the draft."""
 
-    def __init__(self, target: Model, eos_ids: frozenset[int], costs: CostBook, draft: DuoDraft) -> None:
+    def __init__(self, target: Model, eos_ids: frozenset[int], book: CostBook, draft: DuoDraft) -> None:
         self.target = target
         self.eos_ids = eos_ids
-        self.book = costs
+        self.book = book  # the pipeline's measured costs: its load probe, its notes, the target's identity
+        self.cold = False  # the next sequence may not reuse the draft process's prefix (Pipeline.forget_prefixes)
         self.draft = draft
         self.process: DraftProcess | None = None
         self.split: ThreadSplit | None = None
@@ -167,6 +168,11 @@ class DuoRuntime:
         return self.costs.predicted_rate(alpha)[0]
 
     # -- generation -------------------------------------------------------------------------------
+    def take_reuse(self) -> bool:
+        """Whether the next sequence may keep the prefix it shares with the draft process's last one."""
+        reuse, self.cold = not self.cold, False
+        return reuse
+
     def planner(self, gamma: int | None) -> DuoPlanner:
         assert self.costs is not None
         return DuoPlanner(CostProfile(self.costs.target_pass_seconds), self.costs.draft_step_seconds, fixed_gamma=gamma)

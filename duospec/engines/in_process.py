@@ -23,7 +23,7 @@ from duospec.tree import TokenTree
 class InProcessSource:
     """A drafter and its budget policy (GammaPolicy, TreeBudgetPolicy, the suffix or auto policy).
 
-    tracker (a costs.CostTracker) hears each round's real pass and draft-step times, so kept cost
+    tracker (budget/corrections.py's CostTracker, the pipeline's `costs.tracker`) hears each round's real pass and draft-step times, so kept cost
     figures that the machine contradicts get replaced (between requests, never during one).
     """
 

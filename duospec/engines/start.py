@@ -58,7 +58,8 @@ def start_in_process(pipe: Pipeline, spec: MethodSpec, prompt_ids: list[int], re
     elif drafter is not None:
         policy = chain_policy(pipe, request, draft)
     if pipe.verbose and policy is not None:
-        print(f"duospec: {spec.name}: {policy.describe()}", file=sys.stderr)
+        rule = policy.describe()
+        print(f"duospec: {rule if rule.startswith(spec.name + ':') else spec.name + ': ' + rule}", file=sys.stderr)
     stats = GenerationStats(method=spec.name, prompt_tokens=len(prompt_ids), gamma_auto=request.gamma is None)
     if isinstance(policy, GammaPolicy) and policy.profile is not None and not policy.could_pay:
         stats.choice_note = cannot_pay_note(policy.profile, policy.draft_step_seconds)
@@ -101,7 +102,7 @@ def start_duo(pipe: Pipeline, spec: MethodSpec, prompt_ids: list[int], request: 
     if pipe.verbose:
         print_choice(runtime, planner)
     stats = GenerationStats(method=spec.name, prompt_tokens=len(prompt_ids), gamma_auto=request.gamma is None)
-    return runtime.generate(prompt_ids, request, planner, stats, reuse_draft=pipe.take_duo_reuse()), stats
+    return runtime.generate(prompt_ids, request, planner, stats, reuse_draft=runtime.take_reuse()), stats
 
 
 def duo_draft(pipe: Pipeline) -> DuoDraft:
@@ -132,7 +133,7 @@ def start_auto(pipe: Pipeline, spec: MethodSpec, prompt_ids: list[int], request:
     if sd_policy is not None and duo_is_a_candidate(pipe.target.device) and _duo_pays(pipe, sequential_rate):
         chunks, stats = start_duo(pipe, spec, prompt_ids, request)
         stats.method = "auto:duo"
-        return chunks, stats
+        return pipe.learn_acceptance(chunks, lambda: stats.acceptance_estimate), stats
     has_draft = sd_policy is not None
     drafter = AutoDrafter(suffix_drafter(pipe, replace(request, gamma=None)), ChainDrafter(pipe.draft, pipe.target.vocab_size) if has_draft else None, sd_policy)
     stats = GenerationStats(method=spec.name, prompt_tokens=len(prompt_ids), gamma_auto=request.gamma is None)
@@ -141,7 +142,8 @@ def start_auto(pipe: Pipeline, spec: MethodSpec, prompt_ids: list[int], request:
     if pipe.verbose:
         print(f"duospec: auto: {drafter.policy.describe()} ({stats.choice_note})", file=sys.stderr)
     chunks = generate_tokens(pipe.target, InProcessSource(drafter, drafter.policy, pipe.costs.tracker), prompt_ids, request, pipe.eos_ids, stats)
-    return pipe.learn_acceptance(chunks, stats), stats
+    # Only the draft model's rounds say what auto expects of it (a suffix round's acceptance is the copy's).
+    return pipe.learn_acceptance(chunks, lambda: sd_policy.alpha if drafter.rounds.get("sd") else None), stats
 
 
 def _sd_candidate(pipe: Pipeline, profile: CostProfile) -> tuple[GammaPolicy | None, float]:
