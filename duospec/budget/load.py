@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import torch
 
-from duospec.models.base import Model
+from duospec.models.base import Model, usable_cores
 
 T = TypeVar("T")
 CPU_SHARE_FLOOR = 0.75  # see under_load
@@ -71,7 +71,7 @@ def model_threads(model: Model) -> int:
     """Threads a model computes with (llama.cpp models say so; transformers uses torch's pool), capped
     at the cores this process may run on: more threads than cores cannot all run at once."""
     threads = getattr(model, "threads", None) or torch.get_num_threads()
-    return max(1, min(int(threads), _affinity_cores()))
+    return max(1, min(int(threads), usable_cores()))
 
 
 @dataclass(frozen=True)
@@ -130,9 +130,3 @@ def _load_average() -> float:
     except (AttributeError, OSError):
         return 0.0
 
-
-def _affinity_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on every platform
-        return os.cpu_count() or 1

@@ -8,7 +8,6 @@ runtime. A new method is one registry entry, plus one start function only if it 
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -27,6 +26,7 @@ from duospec.drafting.specexec import DEFAULT_DEPTH
 from duospec.drafting.suffix import SuffixDrafter, SuffixPolicy
 from duospec.engines.in_process import InProcessSource
 from duospec.engines.rounds import generate_tokens
+from duospec.models.base import usable_cores
 from duospec.stats import GenerationStats
 
 if TYPE_CHECKING:
@@ -188,7 +188,7 @@ def measure_costs(pipe: Pipeline, names: list[str], default: str) -> list[str]:
 
 def duo_is_a_candidate(device: torch.device) -> bool:
     """Whether `auto` measures duo at all: a GPU target (the draft then has the CPU), or enough CPU cores."""
-    return device.type == "cuda" or len(os.sched_getaffinity(0)) >= DUO_MIN_CPU_CORES
+    return device.type == "cuda" or usable_cores() >= DUO_MIN_CPU_CORES
 
 
 def cannot_pay_note(profile: CostProfile, draft_step: float) -> str:

@@ -20,9 +20,18 @@ argmax, a sample) as soon as the block exists, so a 2,048-node tree never holds 
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Protocol, runtime_checkable
 
 import torch
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the platform has one, else all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on every platform (macOS, Windows)
+        return os.cpu_count() or 1
+
 
 LOGIT_BLOCK_ROWS = 128  # rows of logits a `reduce`d forward holds at once (128 x 151,936 floats = 78 MB)
 

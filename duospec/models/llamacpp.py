@@ -32,7 +32,7 @@ import torch
 
 from duospec.config import DuospecError
 from duospec.models.amx_probe import repack_allowed
-from duospec.models.base import reduce_blocks
+from duospec.models.base import reduce_blocks, usable_cores
 
 INSTALL_HINT = (
     "the llama.cpp backend needs llama-cpp-python; install it with "
@@ -88,7 +88,7 @@ class LlamaCppSettings:
     repack: bool = True  # llama.cpp's repacked CPU weight layouts ("extra buffer types"), faster kernels
 
     def resolved_threads(self) -> int:
-        return self.threads or len(os.sched_getaffinity(0))
+        return self.threads or usable_cores()
 
 
 def check_gguf_file(path: Path) -> None:

@@ -12,7 +12,6 @@ runs the same GGUF 2-3x faster per token there, and every method gains from it.
 
 from __future__ import annotations
 
-import os
 import platform
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from duospec.config import DuospecError
-from duospec.models.base import Model
+from duospec.models.base import Model, usable_cores
 from duospec.models.llamacpp import LlamaCppSettings, llama_cpp_available
 
 BACKENDS = ("auto", "transformers", "llama.cpp")
@@ -223,7 +222,8 @@ def hf_eos_ids(model, tokenizer) -> frozenset[int]:
 
 
 def default_threads() -> int:
-    return len(os.sched_getaffinity(0))
+    """Threads a model computes with unless told otherwise: every core this process may use."""
+    return usable_cores()
 
 
 def transformers_module(model: Model) -> torch.nn.Module | None:
