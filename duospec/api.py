@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -176,6 +176,8 @@ class Pipeline:
     Backend-neutral: the target and the draft are `Model`s (transformers or llama.cpp, each its own),
     the tokenizer is a transformers tokenizer on both backends (same ids for the same text).
     """
+
+    joint = None  # models/joint.py's JointPasses where this pipeline is one lane of a batch (batching.py)
 
     def __init__(
         self,
@@ -387,19 +389,13 @@ class Pipeline:
 
     def duo_runtime(self):
         """The draft process, thread split and costs of `duo` requests (set up on first use)."""
+        if self.joint is not None:
+            raise DuospecError("duo runs one request at a time with its own draft process, and this server batches requests; send another method (auto), or serve with --max-batch 1")
         if self._duo is None:
             from duospec.engines.duo_runtime import DuoRuntime
 
             self._duo = DuoRuntime(self.target, self.eos_ids, self.costs, duo_draft(self))
         return self._duo
-
-    def learn_acceptance(self, chunks: Iterator[list[int]], estimate: Callable[[], float | None]) -> Iterator[list[int]]:
-        """Pass the chunks through; afterwards remember the draft model's acceptance (`estimate()`, None
-        when the request never drafted with it) for the next auto choice."""
-        yield from chunks
-        alpha = estimate()
-        if alpha is not None:
-            self.auto_alpha = 0.5 * self.auto_alpha + 0.5 * alpha
 
     def close(self) -> None:
         """Stop the draft process, if one runs (also done at exit). The pipeline stays usable."""
@@ -462,6 +458,7 @@ def load(
     draft_threads: int | None = None,
     draft_quantization: str = "auto",
     context: int | None = None,
+    lanes: int = 1,
     attn_implementation: str = "sdpa",
     progress: bool = True,
     offload: bool = False,
@@ -477,7 +474,8 @@ def load(
     needs it. backend/draft_backend: "auto" (llama.cpp on CPUs where it is installed and the model is
     GGUF), "transformers" or "llama.cpp". draft_quantization (transformers drafts): "auto" = int8
     weights on CPUs (half a draft step's memory traffic; exactness untouched), "int8" or "none".
-    context: llama.cpp KV cells per model. offload: the target's layers streamed from pinned CPU
+    context: llama.cpp KV cells per model (per lane). lanes: requests one llama.cpp cache serves at
+    once (continuous batching, duospec/batching.py), each with `context` cells. offload: the target's layers streamed from pinned CPU
     memory to the GPU every pass (SpecExec with targets larger than the GPU). deterministic: every
     method's greedy output equals `ar`'s bit for bit (transformers; refused where this machine's
     kernels cannot keep it). suffix_history_tokens/suffix_scope: what suffix decoding drafts from.
@@ -490,7 +488,7 @@ def load(
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
-    for label, value in (("threads", threads), ("draft_threads", draft_threads), ("context", context)):
+    for label, value in (("threads", threads), ("draft_threads", draft_threads), ("context", context), ("lanes", lanes)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise DuospecError(f"{label} must be a positive integer, got {value!r}")
     target_name = target or DEFAULT_TARGET
@@ -502,7 +500,7 @@ def load(
     target_backend = resolve_backend(backend, target_name, torch_device, deterministic=deterministic)
     target_options = LoadOptions(
         backend=target_backend, device=torch_device, dtype=torch_dtype, threads=threads, attn_implementation=attn_implementation, offload=offload,
-        deterministic=deterministic, llama=LlamaCppSettings() if context is None else LlamaCppSettings(context=context),
+        deterministic=deterministic, llama=LlamaCppSettings(lanes=lanes) if context is None else LlamaCppSettings(context=context, lanes=lanes),
     )
     draft_options = None if draft is None else _draft_options(draft, target_options, backend if draft_backend is None else draft_backend, draft_threads, draft_quantization)
     quantization = "none" if draft_options is None else draft_options.quantization

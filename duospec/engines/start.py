@@ -133,7 +133,7 @@ def start_auto(pipe: Pipeline, spec: MethodSpec, prompt_ids: list[int], request:
     if sd_policy is not None and duo_is_a_candidate(pipe.target.device) and _duo_pays(pipe, sequential_rate):
         chunks, stats = start_duo(pipe, spec, prompt_ids, request)
         stats.method = "auto:duo"
-        return pipe.learn_acceptance(chunks, lambda: stats.acceptance_estimate), stats
+        return learn_acceptance(pipe, chunks, lambda: stats.acceptance_estimate), stats
     has_draft = sd_policy is not None
     drafter = AutoDrafter(suffix_drafter(pipe, replace(request, gamma=None)), ChainDrafter(pipe.draft, pipe.target.vocab_size) if has_draft else None, sd_policy)
     stats = GenerationStats(method=spec.name, prompt_tokens=len(prompt_ids), gamma_auto=request.gamma is None)
@@ -143,7 +143,16 @@ def start_auto(pipe: Pipeline, spec: MethodSpec, prompt_ids: list[int], request:
         print(f"duospec: auto: {drafter.policy.describe()} ({stats.choice_note})", file=sys.stderr)
     chunks = generate_tokens(pipe.target, InProcessSource(drafter, drafter.policy, pipe.costs.tracker), prompt_ids, request, pipe.eos_ids, stats)
     # Only the draft model's rounds say what auto expects of it (a suffix round's acceptance is the copy's).
-    return pipe.learn_acceptance(chunks, lambda: sd_policy.alpha if drafter.rounds.get("sd") else None), stats
+    return learn_acceptance(pipe, chunks, lambda: sd_policy.alpha if drafter.rounds.get("sd") else None), stats
+
+
+def learn_acceptance(pipe: Pipeline, chunks: Iterator[list[int]], estimate: Callable[[], float | None]) -> Iterator[list[int]]:
+    """Pass auto's chunks through; afterwards remember the draft model's acceptance (`estimate()`, None
+    when the request never drafted with it) in the pipeline, for its next auto choice."""
+    yield from chunks
+    alpha = estimate()
+    if alpha is not None:
+        pipe.auto_alpha = 0.5 * pipe.auto_alpha + 0.5 * alpha
 
 
 def _sd_candidate(pipe: Pipeline, profile: CostProfile) -> tuple[GammaPolicy | None, float]:

@@ -15,6 +15,13 @@ Keeping a path: the accepted nodes all lie on the branch of one leaf s. Drop s's
 keep only s's cells (`seq_keep`, which also strips every other id), then rename s to 0. The cache
 holds the prefix plus the path, in order, and the cached length is checked after every round.
 
+Lanes (continuous batching, `split_lanes`): the sequence ids and KV cells are split among several
+requests. Each lane is a Model of its own: its committed prefix on its home id, its tree leaves on a
+block of ids after it, its cells among the context's; every cache operation touches only the lane's
+ids, so lanes never see or disturb each other. `run_passes` scores the pending forwards of several
+lanes in one `llama_decode` (models/joint.py decides when). The model itself is the one lane that owns
+every id (home 0, leaves 1..255).
+
 Facts checked with llama-cpp-python 0.3.36: a batch larger than `n_batch` aborts the process (a C
 assert), so inputs are cut into chunks first; the logits buffer is overwritten by the next decode, so
 it is copied out at once; a log callback must stay referenced while llama.cpp may call it.
@@ -22,9 +29,11 @@ it is copied out at once; a log callback must stay referenced while llama.cpp ma
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +95,7 @@ class LlamaCppSettings:
     sequences: int = DEFAULT_SEQUENCES
     threads: int | None = None
     repack: bool = True  # llama.cpp's repacked CPU weight layouts ("extra buffer types"), faster kernels
+    lanes: int = 1  # requests the cache serves at once (open_lanes); each gets `context` cells
 
     def resolved_threads(self) -> int:
         return self.threads or usable_cores()
@@ -117,6 +127,8 @@ class LlamaCppModel:
         check_gguf_file(self.path)
         if not (2 <= settings.sequences <= MAX_SEQUENCE_IDS):
             raise DuospecError(f"llama.cpp sequences must be in 2..{MAX_SEQUENCE_IDS}, got {settings.sequences}")
+        if not (1 <= settings.lanes <= settings.sequences // 2):
+            raise DuospecError(f"llama.cpp lanes must be in 1..{settings.sequences // 2} (two sequence ids each), got {settings.lanes}")
         _init_backend(llama_cpp, verbose)
 
         model_params = llama_cpp.llama_model_default_params()
@@ -131,7 +143,8 @@ class LlamaCppModel:
         self.trained_context = int(llama_cpp.llama_model_n_ctx_train(self._model))
         threads = settings.resolved_threads()
         context_params = llama_cpp.llama_context_default_params()
-        context_params.n_ctx = min(settings.context, self.trained_context) if self.trained_context > 0 else settings.context
+        per_lane = min(settings.context, self.trained_context) if self.trained_context > 0 else settings.context
+        context_params.n_ctx = per_lane * settings.lanes
         context_params.n_batch = settings.batch
         context_params.n_ubatch = settings.batch
         context_params.n_seq_max = settings.sequences
@@ -146,7 +159,7 @@ class LlamaCppModel:
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
-        self.max_context = int(llama_cpp.llama_n_ctx(self._ctx))
+        self.max_context = int(llama_cpp.llama_n_ctx(self._ctx)) // settings.lanes  # cells one lane (or the model alone) may use
         self.threads = threads
         self._batch_size = int(llama_cpp.llama_n_batch(self._ctx))
         self._batch = llama_cpp.llama_batch_init(self._batch_size, 0, settings.sequences)
@@ -159,6 +172,13 @@ class LlamaCppModel:
         self._cache_len = 0
         self._tree: _OpenTree | None = None  # the tokens since the last ordinary forward and their sequence ids
         self.held_prefix = None  # what a caller recorded the cache to hold (models/prefix.py); any cache change drops it
+        # The sequence ids this Model uses: its committed prefix on `_home`, tree leaves on the `_leaf_ids`
+        # ids after it. The model alone owns them all; a lane (open_lanes) a block of them.
+        self._home, self._leaf_ids = 0, settings.sequences - 1
+        self._engine = self  # the model whose llama.cpp context this Model's passes run in
+        self._lanes_open = False
+        self.joiner = None  # models/joint.py's JointPasses, for a lane whose passes join other lanes'
+        self.last_batch: tuple[int, int] = (0, 0)  # tokens and lanes beside this lane's last forward (joint passes)
 
     def set_threads(self, threads: int) -> None:
         """Change the threads of later passes (the Duo engine gives the target fewer beside a draft)."""
@@ -182,14 +202,18 @@ class LlamaCppModel:
 
     def reset(self) -> None:
         self.held_prefix = None
-        self._lib.llama_memory_clear(self._memory, True)
+        if self._home == 0 and self._leaf_ids == self.settings.sequences - 1:
+            self._lib.llama_memory_clear(self._memory, True)  # the model alone: every cell is its
+        else:
+            for sequence in range(self._home, self._home + 1 + self._leaf_ids):
+                self._lib.llama_memory_seq_rm(self._memory, sequence, -1, -1)
         self._cache_len = 0
         self._tree = None
 
     @property
     def max_tree_leaves(self) -> int:
-        """Leaves one open tree may have: a sequence id each, and id 0 is the committed prefix."""
-        return self.settings.sequences - 1
+        """Leaves one open tree may have: a sequence id each (the home id holds the committed prefix)."""
+        return self._leaf_ids
 
     def extend_fits(self, parents: list[int]) -> list[bool]:
         """Which of these candidate nodes (their parents index the open tree), taken in order, the
@@ -202,7 +226,7 @@ class LlamaCppModel:
     @property
     def tree_ids_left(self) -> int:
         """New leaves the open tree may still get (extending it by more raises)."""
-        used = 0 if self._tree is None else self._tree._next_id - 1
+        used = 0 if self._tree is None else len(self._tree.used_ids())
         return self.max_tree_leaves - used
 
     def forward(
@@ -214,7 +238,22 @@ class LlamaCppModel:
         extend_tree: bool = False,
         reduce=None,
     ) -> torch.Tensor:
-        """Score `tokens` after the cache in one decode per n_batch tokens; see the module docstring."""
+        """Score `tokens` after the cache in one decode per n_batch tokens (with other lanes' pending
+        passes when this lane has a joiner); see the module docstring."""
+        prepared = self.prepare_forward(tokens, positions, tree_mask, last_only, extend_tree, reduce)
+        if self.joiner is not None:
+            return self.joiner.forward(prepared)
+        try:
+            run_passes([prepared])
+        except BaseException:
+            self.abandon_forward(prepared)
+            raise
+        return self.finish_forward(prepared)
+
+    def prepare_forward(self, tokens, positions, tree_mask, last_only: bool, extend_tree: bool, reduce) -> "PreparedPass":
+        """Everything of a forward but the decode: checks, positions, the tree's sequence ids."""
+        if self._lanes_open:
+            raise RuntimeError(f"{self.name}'s cache is split into lanes; run passes through a lane")
         self.held_prefix = None  # dropped first: a pass that fails halfway leaves no record
         if extend_tree:
             if self._tree is None or tree_mask is None or positions is None:
@@ -240,54 +279,25 @@ class LlamaCppModel:
             self._tree = _OpenTree(self, start)
             sequences = self._tree.extend(_parents_from_mask(tree_mask, 0), position_ids.tolist())
         else:
-            self._tree = _OpenTree(self, start, chain=n_new)  # a chain on sequence 0: keep crops
-        rows: list[torch.Tensor] = []
-        for chunk_start in range(0, n_new, self._batch_size):
-            chunk_end = min(n_new, chunk_start + self._batch_size)
-            want_logits = not last_only or chunk_end == n_new
-            rows.append(self._decode(token_ids, position_ids, sequences, chunk_start, chunk_end, want_logits, last_only, reduce))
-        self._cache_len = start + n_new
-        return torch.cat([row for row in rows if row.numel()]) if len(rows) > 1 else rows[0]
+            self._tree = _OpenTree(self, start, chain=n_new)  # a chain on the home id: keep crops
+        return PreparedPass(self, token_ids, position_ids, sequences, start, last_only, reduce)
 
-    def _decode(self, token_ids, position_ids, sequences, begin: int, end: int, want_logits: bool, last_only: bool, reduce=None) -> torch.Tensor:
-        n = end - begin
-        self._batch.n_tokens = n
-        self._batch_tokens[:n] = token_ids[begin:end]
-        self._batch_positions[:n] = position_ids[begin:end]
-        if sequences is None:
-            self._batch_n_seq[:n] = 1
-            for i in range(n):
-                self._seq_rows[i][0] = 0
-        else:
-            for i in range(n):
-                row = sequences[begin + i]
-                self._batch_n_seq[i] = len(row)
-                self._seq_rows[i][: len(row)] = row
-        self._batch_logits[:n] = 0
-        n_out = 0
-        if want_logits:
-            if last_only:
-                self._batch_logits[n - 1] = 1
-                n_out = 1
-            else:
-                self._batch_logits[:n] = 1
-                n_out = n
-        status = self._lib.llama_decode(self._ctx, self._batch)
-        if status != 0:
-            raise DuospecError(
-                f"{self.name}: llama_decode failed (code {status}: "
-                + ("no room left in the KV cache" if status == 1 else "aborted" if status == 2 else "error")
-                + "); raise the context size or shorten the input"
-            )
-        if n_out == 0:
+    def finish_forward(self, prepared: "PreparedPass") -> torch.Tensor:
+        """The logits (or reduced rows) of a pass `run_passes` ran; the cache now holds its tokens."""
+        self._cache_len = prepared.start + len(prepared.token_ids)
+        rows = [row for row in prepared.outputs if row.numel()]
+        if not rows:
             return torch.empty(0, self.vocab_size)
-        pointer = self._lib.llama_get_logits(self._ctx)
-        view = np.ctypeslib.as_array(pointer, shape=(n_out, self.vocab_size))
-        if reduce is not None:
-            # Block by block straight from llama.cpp's buffer: no [n, V] copy of our own.
-            return reduce_blocks(lambda a, b: torch.from_numpy(view[a:b].copy()), n_out, reduce)
-        # Copied at once: the next decode overwrites llama.cpp's logits buffer.
-        return torch.from_numpy(view.copy())
+        return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+    def abandon_forward(self, prepared: "PreparedPass") -> None:
+        """A pass that failed: drop whatever of it (and of the open tree it joined) reached the cache,
+        so the model holds its committed prefix again."""
+        start = self._tree.start if self._tree is not None else prepared.start
+        for sequence in range(self._home + 1, self._home + 1 + self._leaf_ids):
+            self._lib.llama_memory_seq_rm(self._memory, sequence, -1, -1)
+        self._lib.llama_memory_seq_rm(self._memory, self._home, start, -1)
+        self._cache_len, self._tree, self.held_prefix = start, None, None
 
     def keep(self, nodes: list[int]) -> None:
         self.held_prefix = None
@@ -297,17 +307,19 @@ class LlamaCppModel:
         if tree is None or tree.is_chain:
             self.crop(start + len(nodes))
             return
-        if nodes:
-            leaf = tree.sequence[nodes[-1]]
-            self._lib.llama_memory_seq_rm(self._memory, leaf, start + len(nodes), -1)
-            self._lib.llama_memory_seq_keep(self._memory, leaf)
-            if leaf != 0:
-                self._lib.llama_memory_seq_cp(self._memory, leaf, 0, -1, -1)
-                self._lib.llama_memory_seq_rm(self._memory, leaf, -1, -1)
-        else:
-            self._lib.llama_memory_seq_keep(self._memory, 0)
+        lib, memory, home = self._lib, self._memory, self._home
+        end = start + len(nodes)
+        leaf = tree.sequence[nodes[-1]] if nodes else home
+        for sequence in tree.used_ids():  # only this lane's ids: other lanes' cells stay as they are
+            if sequence != leaf:
+                lib.llama_memory_seq_rm(memory, sequence, -1, -1)
+        lib.llama_memory_seq_rm(memory, leaf, end, -1)
+        if leaf != home:
+            lib.llama_memory_seq_rm(memory, home, start, -1)
+            lib.llama_memory_seq_cp(memory, leaf, home, -1, -1)
+            lib.llama_memory_seq_rm(memory, leaf, -1, -1)
         self._tree = None
-        self._cache_len = start + len(nodes)
+        self._cache_len = end
 
     def crop(self, length: int) -> None:
         self.held_prefix = None
@@ -315,24 +327,26 @@ class LlamaCppModel:
         if not (0 <= length <= self._cache_len):
             raise ValueError(f"cannot crop a cache of {self._cache_len} tokens to {length}")
         if length < self._cache_len:
-            if not self._lib.llama_memory_seq_rm(self._memory, 0, length, -1):
+            if not self._lib.llama_memory_seq_rm(self._memory, self._home, length, -1):
                 raise DuospecError(f"{self.name}: llama.cpp cannot trim this model's cache (recurrent or sliding-window memory); use --backend transformers")
         self._cache_len = length
 
     def _settle_tree(self) -> None:
-        """Drop a scored tree nobody kept a path of, so the cache is the prefix alone (sequence 0).
+        """Drop a scored tree nobody kept a path of, so the cache is the prefix alone (the home id).
 
-        A chain needs nothing: it is on sequence 0 already, and crop trims it."""
+        A chain needs nothing: it is on the home id already, and crop trims it."""
         if self._tree is not None and not self._tree.is_chain:
-            self._lib.llama_memory_seq_keep(self._memory, 0)
-            self._lib.llama_memory_seq_rm(self._memory, 0, self._tree.start, -1)  # a chain the tree grew from
+            for sequence in self._tree.used_ids():
+                self._lib.llama_memory_seq_rm(self._memory, sequence, -1, -1)
+            self._lib.llama_memory_seq_rm(self._memory, self._home, self._tree.start, -1)  # a chain the tree grew from
             self._cache_len = self._tree.start
         self._tree = None
 
     def close(self) -> None:
-        """Free llama.cpp's context, batch and weights (also done when the object is collected)."""
+        """Free llama.cpp's context, batch and weights (also done when the object is collected); a
+        lane frees nothing (the model it came from owns them)."""
         lib = getattr(self, "_lib", None)
-        if lib is None:
+        if lib is None or getattr(self, "_engine", self) is not self:
             return
         if getattr(self, "_ctx", None):
             lib.llama_batch_free(self._batch)
@@ -347,6 +361,110 @@ class LlamaCppModel:
             self.close()
         except Exception:  # interpreter shutdown: the library may be gone already
             pass
+
+
+def split_lanes(model: LlamaCppModel, count: int) -> list[LlamaCppModel]:
+    """Split `model`'s cache into `count` lanes (at most settings.lanes), each a Model of its own
+    with `max_context` cells and an equal block of sequence ids. The model itself runs no pass
+    afterwards (its ids are the lanes' now); its cache is cleared first."""
+    if not 1 <= count <= model.settings.lanes:
+        raise DuospecError(f"{model.name} was loaded for {model.settings.lanes} lanes, not {count}; load it with lanes={count}")
+    model.reset()
+    block = model.settings.sequences // count
+    lanes = []
+    for index in range(count):
+        lane = copy.copy(model)  # shares the llama.cpp model, context, memory and batch
+        lane.name = f"{model.name} [lane {index}]"
+        lane._home, lane._leaf_ids = index * block, block - 1
+        lane._cache_len, lane._tree, lane.held_prefix = 0, None, None
+        lanes.append(lane)
+    model._lanes_open = True
+    return lanes
+
+
+def _decode(engine: LlamaCppModel, token_ids: np.ndarray, position_ids: np.ndarray, sequence_rows: list[list[int]], wants: np.ndarray) -> np.ndarray:
+    """One llama_decode of at most n_batch tokens; a view of the logits rows it wrote (valid until
+    the next decode)."""
+    n = len(token_ids)
+    engine._batch.n_tokens = n
+    engine._batch_tokens[:n] = token_ids
+    engine._batch_positions[:n] = position_ids
+    for i, row in enumerate(sequence_rows):
+        engine._batch_n_seq[i] = len(row)
+        engine._seq_rows[i][: len(row)] = row
+    engine._batch_logits[:n] = wants
+    status = engine._lib.llama_decode(engine._ctx, engine._batch)
+    if status != 0:
+        raise DuospecError(
+            f"{engine.name}: llama_decode failed (code {status}: "
+            + ("no room left in the KV cache" if status == 1 else "aborted" if status == 2 else "error")
+            + "); raise the context size or shorten the input"
+        )
+    n_out = int(wants.sum())
+    if n_out == 0:
+        return np.empty((0, engine.vocab_size), dtype=np.float32)
+    return np.ctypeslib.as_array(engine._lib.llama_get_logits(engine._ctx), shape=(n_out, engine.vocab_size))
+
+
+@dataclass
+class PreparedPass:
+    """One Model's (lane's) forward, ready to decode: its tokens, positions and sequence ids."""
+
+    model: LlamaCppModel
+    token_ids: np.ndarray  # int32
+    position_ids: np.ndarray  # int32
+    sequences: list[list[int]] | None  # each token's ids; None: every token on the model's home id
+    start: int  # the cache length before it
+    last_only: bool
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None
+    outputs: list[torch.Tensor] = field(default_factory=list)  # logits (or reduced) rows, per decode
+
+    @property
+    def joint_key(self) -> int:
+        """Passes with the same key can share one llama_decode: those of one llama.cpp context."""
+        return id(self.model._engine)
+
+
+def run_passes(passes: list[PreparedPass]) -> None:
+    """Decode the passes of one llama.cpp context together, n_batch tokens per llama_decode, filling
+    each pass's `outputs`. Each token carries its own lane's sequence ids and position, so a lane's
+    tokens attend to its own cells only, exactly as when it runs alone."""
+    engine = passes[0].model._engine
+    tokens = np.concatenate([p.token_ids for p in passes])
+    positions = np.concatenate([p.position_ids for p in passes])
+    owner = np.repeat(np.arange(len(passes)), [len(p.token_ids) for p in passes])
+    index_in_pass = np.concatenate([np.arange(len(p.token_ids)) for p in passes])
+    wants = np.concatenate([_wanted_rows(p) for p in passes])
+    for begin in range(0, len(tokens), engine._batch_size):
+        end = min(len(tokens), begin + engine._batch_size)
+        sequence_rows = [
+            passes[k].sequences[i] if passes[k].sequences is not None else [passes[k].model._home]
+            for k, i in zip(owner[begin:end].tolist(), index_in_pass[begin:end].tolist())
+        ]
+        view = _decode(engine, tokens[begin:end], positions[begin:end], sequence_rows, wants[begin:end])
+        row = 0
+        for k in np.unique(owner[begin:end][wants[begin:end]]).tolist():  # passes with rows here, in batch order
+            count = int(wants[begin:end][owner[begin:end] == k].sum())
+            passes[k].outputs.append(_rows(view, row, row + count, passes[k].reduce))
+            row += count
+
+
+def _wanted_rows(prepared: PreparedPass) -> np.ndarray:
+    """Which of a pass's tokens need logits: all, or the last one alone."""
+    wants = np.zeros(len(prepared.token_ids), dtype=bool)
+    if prepared.last_only:
+        wants[-1] = True
+    else:
+        wants[:] = True
+    return wants
+
+
+def _rows(view: np.ndarray, begin: int, end: int, reduce) -> torch.Tensor:
+    """Rows [begin, end) of llama.cpp's logits buffer: reduced block by block straight from the buffer
+    (no [n, V] copy of our own), or copied at once (the next decode overwrites the buffer)."""
+    if reduce is not None:
+        return reduce_blocks(lambda a, b: torch.from_numpy(view[begin + a : begin + b].copy()), end - begin, reduce)
+    return torch.from_numpy(view[begin:end].copy())
 
 
 def _is_causal(mask: torch.Tensor) -> bool:
@@ -379,7 +497,8 @@ class _OpenTree:
     the parent was a leaf, so nothing deeper carries that id) or takes a fresh id, onto which the cells
     of its nearest cached ancestor's id up to that ancestor's position are copied (`seq_cp`, metadata
     only) and which its ancestors in the same batch also carry. So ids = leaves: at most
-    `sequences - 1` (id 0 stays the committed prefix). A chain forward stays on id 0.
+    the model's (or lane's) leaf ids; its home id stays the committed prefix. A chain forward stays on
+    the home id.
     """
 
     def __init__(self, model: "LlamaCppModel", start: int, chain: int = 0) -> None:
@@ -387,20 +506,25 @@ class _OpenTree:
         self.start = start
         self.is_chain = chain > 0
         self.parents: list[int] = list(range(-1, chain - 1))
-        self.sequence: list[int] = [0] * chain
+        self.sequence: list[int] = [model._home] * chain
         self.position: list[int] = list(range(start, start + chain))
-        self.inheritable: list[bool] = [False] * chain  # id 0 is never handed down (it is the prefix)
-        self._next_id = 1
+        self.inheritable: list[bool] = [False] * chain  # the home id is never handed down (it is the prefix)
+        self._first_id = model._home + 1
+        self._next_id = self._first_id
 
     @property
     def size(self) -> int:
         return len(self.parents)
 
+    def used_ids(self) -> range:
+        """The leaf ids this tree has taken (its cells carry them)."""
+        return range(self._first_id, self._next_id)
+
     def extend(self, parents: list[int], positions: list[int]) -> list[list[int]]:
         """Add nodes (parents index the open tree, -1 = hangs off the prefix); return each one's ids."""
         lib, memory = self.model._lib, self.model._memory
         first_new = self.size
-        if not all(self.fits(parents, self.model.max_tree_leaves - (self._next_id - 1))):
+        if not all(self.fits(parents, self.model.max_tree_leaves - len(self.used_ids()))):
             raise self._too_many_leaves()  # before any id or cell changes: a refused extend leaves the tree usable
         if self.is_chain:
             self.is_chain = False
@@ -419,7 +543,7 @@ class _OpenTree:
                 if ancestor >= 0:
                     lib.llama_memory_seq_cp(memory, self.sequence[ancestor], sequence, -1, self.position[ancestor] + 1)
                 else:
-                    lib.llama_memory_seq_cp(memory, 0, sequence, -1, self.start)
+                    lib.llama_memory_seq_cp(memory, self.model._home, sequence, -1, self.start)
             rows.append([sequence])
             self.parents.append(parent)
             self.sequence.append(sequence)
@@ -451,7 +575,7 @@ class _OpenTree:
         )
 
     def _fresh_id(self) -> int:
-        if self._next_id > self.model.max_tree_leaves:
+        if len(self.used_ids()) >= self.model.max_tree_leaves:
             raise self._too_many_leaves()
         self._next_id += 1
         return self._next_id - 1

@@ -1,0 +1,85 @@
+"""Continuous batching over one loaded pipeline: one Pipeline per lane, their passes joined.
+
+`open_lanes(pipe, count)` splits the target's (and a llama.cpp draft's) KV cache into `count` lanes
+(models/llamacpp.py's split_lanes) and returns a Pipeline for each: the same tokenizer, suffix history and measured
+costs, its own caches, and budgets priced for the batch (budget/batch.py). Each lane's requests run in
+their own thread, inside `joint.member()`, through the ordinary round loop; models/joint.py's
+JointPasses runs the pending passes of all of them together. A lane's answers are its own: its tokens
+attend to its cells only, and the one verifier accepts its tree alone.
+
+What batching leaves out: `duo` (its draft process wants the cores a batch keeps busy: a lane refuses
+it, and `auto` never picks it), and the transformers backend (its cache holds one sequence; serve it
+with --max-batch 1).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+from duospec.api import Pipeline
+from duospec.budget.batch import LaneCosts
+from duospec.budget.model import CostProfile
+from duospec.config import DuospecError
+from duospec.models.joint import JointPasses, PassRecord
+
+MAX_LANES = 128  # llama.cpp's 256 sequence ids, two per lane at least (home and one leaf)
+DEFAULT_BATCH_CAP = 16  # the default --max-batch never exceeds this (memory: a context of cells per lane)
+NEAR_BEST = 0.9  # the default batch: the smallest measured pass size within this share of the best tokens/s
+
+
+def default_max_batch(profile: CostProfile, cap: int = DEFAULT_BATCH_CAP) -> int:
+    """The batch the measured curve pays for: the smallest measured pass size n <= cap whose tokens
+    per second n / t(n) come within NEAR_BEST of the best any measured size up to cap reaches. A flat
+    curve (GPU, AMX) gives the cap; a curve as steep as a 1-token step's (no gain from width) gives 1."""
+    sizes = sorted(n for n in profile.target_pass_seconds if n <= cap) or [1]
+    rates = {n: n / profile.target_pass(n) for n in sizes}
+    best = max(rates.values())
+    return min(n for n in sizes if rates[n] >= NEAR_BEST * best)
+
+
+def check_batchable(pipe: Pipeline, count: int) -> None:
+    """Refuse a batch this pipeline cannot run, saying what would."""
+    if not 1 <= count <= MAX_LANES:
+        raise DuospecError(f"--max-batch must be in 1..{MAX_LANES}, got {count}")
+    if count > 1 and pipe.backend != "llama.cpp":
+        raise DuospecError(
+            f"continuous batching (--max-batch {count}) needs the llama.cpp backend; the target runs on {pipe.backend}, "
+            "whose cache holds one sequence: serve it with --max-batch 1, or use --backend llama.cpp with a GGUF target"
+        )
+
+
+def open_lanes(pipe: Pipeline, count: int, on_pass: Callable[[PassRecord], None] | None = None) -> tuple[list[Pipeline], JointPasses]:
+    """`count` lane pipelines over `pipe`'s models and the JointPasses their threads meet in. The
+    models must have been loaded for that many lanes (duospec.load(lanes=...)); `pipe` itself runs
+    nothing afterwards. Call after every cost the methods need is measured (server/run.py's warm-up):
+    a lane never measures."""
+    from duospec.models.llamacpp import run_passes, split_lanes
+
+    check_batchable(pipe, count)
+    joint = JointPasses(run_passes, on_pass)
+    targets = split_lanes(pipe.target, count)
+    drafts: list = [None] * count
+    if pipe.has_draft and pipe.draft_backend == "llama.cpp":
+        drafts = split_lanes(pipe.draft, count)
+    lanes = []
+    for target, draft in zip(targets, drafts):
+        for model in (target, draft):
+            if model is not None:
+                model.joiner = joint
+        lanes.append(_lane_pipeline(pipe, target, draft, joint))
+    return lanes, joint
+
+
+def _lane_pipeline(pipe: Pipeline, target, draft, joint: JointPasses) -> Pipeline:
+    """A shallow copy of `pipe` with the lane's models and costs (shared: tokenizer, suffix history)."""
+    lane = copy.copy(pipe)
+    lane.target = target
+    lane._draft = draft
+    if draft is None:  # a draft that cannot be split (transformers) serves no lane: methods without one remain
+        lane.draft_source = None
+    lane.costs = LaneCosts(pipe.costs, target)
+    lane._duo = None
+    lane._active_stream = None
+    lane.joint = joint
+    return lane

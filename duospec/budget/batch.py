@@ -1,0 +1,65 @@
+"""Draft budgets that know the batch: a lane's drafts priced by what they add to the joint pass.
+
+Under continuous batching (models/joint.py) one target pass scores every active request's tokens. A
+lane whose others put b tokens into the pass and emit about E tokens from it lifts the batch's rate
+(E + E_lane(g)) / t(b + 1 + g) by drafting g tokens. Maximising that ratio is the same as maximising
+the lane's own E_lane(g) / c(1 + g) with the lane's cost
+
+    c(n) = t(b + 1) / (E + 1)  +  t(b + n) - t(b + 1)
+
+(its fair share of the pass it would cost anyway, plus what its drafts add to the pass): the rate
+without drafts, (E + 1) / t(b + 1), is the one the Dinkelbach step of the ratio compares with. So every
+existing policy (GammaPolicy, SuffixPolicy, SpecExec's tree budget) budgets a lane unchanged, handed
+this profile instead of the curve. Alone (b = 0) c is the measured curve itself; where the batch
+already fills the cheap part of the curve, t(b + n) - t(b + 1) grows and speculation narrows and stops
+(what vLLM does at high load), and where passes stay flat (a GPU, an AMX CPU up to 16 tokens), drafts
+stay nearly free. E is taken as one token per other lane (each emits at least its next token).
+
+The batch beside a lane is read from its last joint pass (`last_batch`), so under batching a
+request's budgets, and with them its sampled draws, depend on what else runs; its tokens never do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from duospec.budget.model import CostProfile
+
+
+@dataclass(frozen=True)
+class BatchPricedProfile(CostProfile):
+    """The measured curve, priced for a lane by the batch of its last joint pass (see the module)."""
+
+    lane: object = field(default=None, compare=False, repr=False)  # anything with `last_batch`: (tokens, lanes) beside it
+
+    def target_pass(self, n: int) -> float:
+        beside, lanes = getattr(self.lane, "last_batch", (0, 0))
+        whole = super().target_pass
+        if beside <= 0:
+            return whole(n)
+        return whole(beside + 1) / (lanes + 1) + whole(beside + n) - whole(beside + 1)
+
+
+class LaneCosts:
+    """A lane's view of its pipeline's CostBook: the same measured figures (measured before the lanes
+    opened), the target's curve priced for the batch, and no corrections: a joint pass's time prices
+    the whole batch, not this request's tokens, so it must not correct the curve."""
+
+    tracker = None  # the rounds report no pass times
+
+    def __init__(self, book, lane) -> None:
+        self._book = book
+        self._lane = lane
+
+    def target_profile(self, remeasure: bool = False) -> BatchPricedProfile:
+        return BatchPricedProfile(self._book.target_profile().target_pass_seconds, lane=self._lane)
+
+    def tree_costs(self, depth: int) -> tuple[BatchPricedProfile, CostProfile]:
+        target, draft = self._book.tree_costs(depth)
+        return BatchPricedProfile(target.target_pass_seconds, lane=self._lane), draft
+
+    def reconcile(self, reading=None) -> None:
+        """Nothing to correct (see the class)."""
+
+    def __getattr__(self, name: str):
+        return getattr(self._book, name)  # draft_step_seconds, probe, notes, ...

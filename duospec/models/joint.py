@@ -1,0 +1,159 @@
+"""Continuous batching: the forwards of several generating threads run as one pass per model.
+
+Each request generates in its own thread with its own lane (a Model of its own over a shared llama.cpp
+context, models/llamacpp.py's `open_lanes`), through the same round loop as a request alone. A lane's
+`forward` prepares its pass and hands it here. Once every member thread waits on a forward, all pending
+passes run, one joint decode per model (target lanes together, draft lanes together), and every thread
+goes on with its own logits. So a round serves every active request, requests join and leave between
+passes, and no request waits for another's whole answer.
+
+Only one member thread runs Python at a time: it holds the baton from the moment it joins until it
+waits on a forward or leaves. The rounds of different requests then never interleave inside shared
+Python state (the suffix history, the tokenizer, the cost book), and when every member waits, the
+thread that arrives last runs the joint pass itself (no scheduler thread, no hand-off).
+
+The passes a lane joins are recorded on it (`last_batch`: the tokens and lanes beside its own), which
+is what a batch-aware budget prices its next draft with (budget/batch.py).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+class JointPass(Protocol):
+    """A backend's prepared forward (llama.cpp: models/llamacpp.py's PreparedPass)."""
+
+    model: object  # the lane: prepare_forward, finish_forward, abandon_forward, last_batch
+    token_ids: object  # its tokens (len() is the pass's size)
+    last_only: bool  # a prompt's pass (logits of its last token only)
+
+    @property
+    def joint_key(self) -> object:
+        """Passes with equal keys run in one call of `run_together`."""
+        ...
+
+
+@dataclass
+class PassRecord:
+    """One joint pass, for the server's metrics: lanes in it, tokens, and lanes that scored drafts."""
+
+    model: str
+    lanes: int
+    tokens: int
+    drafting_lanes: int  # lanes whose pass held more than their next token (a prompt's pass excluded)
+    seconds: float
+
+
+@dataclass
+class _Call:
+    prepared: JointPass
+    done: bool = False
+    error: BaseException | None = None
+
+
+@dataclass
+class JointPasses:
+    """The rendezvous of the member threads' forwards (see the module docstring).
+
+    run_together(passes): decodes passes of one model together (llama.cpp: models/llamacpp.run_passes).
+    on_pass: told of every joint pass (the server's metrics).
+    """
+
+    run_together: Callable[[list], None]
+    on_pass: Callable[[PassRecord], None] | None = None
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _baton_held: bool = False
+    _members: int = 0
+    _pending: list[_Call] = field(default_factory=list)
+
+    @property
+    def members(self) -> int:
+        """Threads generating now (the batch in flight)."""
+        return self._members
+
+    @contextmanager
+    def member(self) -> Iterator[None]:
+        """A thread's whole generation: it joins, waits for the baton, runs, and leaves; a thread that
+        leaves while all others wait runs their pass before it goes. It counts as a member from the
+        moment it joins, so the next pass waits for its first forward (that is how it joins a batch)."""
+        with self._cond:
+            self._members += 1
+            self._take_baton()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._members -= 1
+                if self._pending and len(self._pending) == self._members:
+                    self._run_pending()
+                self._give_baton()
+
+    def forward(self, prepared: JointPass) -> torch.Tensor:
+        """Called by a lane's forward in a member thread: wait for (or run) the joint pass holding
+        this one, then return its logits."""
+        call = _Call(prepared)
+        with self._cond:
+            self._pending.append(call)
+            if len(self._pending) >= self._members:
+                self._run_pending()
+            else:
+                self._give_baton()
+                while not call.done:
+                    self._cond.wait()
+                self._take_baton()
+        if call.error is not None:
+            raise call.error
+        return prepared.model.finish_forward(prepared)
+
+    def _take_baton(self) -> None:
+        while self._baton_held:
+            self._cond.wait()
+        self._baton_held = True
+
+    def _give_baton(self) -> None:
+        self._baton_held = False
+        self._cond.notify_all()
+
+    def _run_pending(self) -> None:
+        """Run every pending pass, one joint call per model, with the lock released (the caller keeps
+        the baton, so no member runs meanwhile); then wake their threads."""
+        calls, self._pending = self._pending, []
+        groups: dict[object, list[_Call]] = {}
+        for call in calls:
+            groups.setdefault(call.prepared.joint_key, []).append(call)
+        self._cond.release()
+        try:
+            for group in groups.values():
+                self._run_group(group)
+        finally:
+            self._cond.acquire()
+            for call in calls:
+                call.done = True
+            self._cond.notify_all()
+
+    def _run_group(self, group: list[_Call]) -> None:
+        passes = [call.prepared for call in group]
+        sizes = [len(prepared.token_ids) for prepared in passes]
+        start = time.perf_counter()
+        try:
+            self.run_together(passes)
+        except BaseException as error:  # every pass of the group failed: each lane drops what it wrote
+            for call in group:
+                call.error = error
+                call.prepared.model.abandon_forward(call.prepared)
+            return
+        seconds = time.perf_counter() - start
+        total = sum(sizes)
+        for prepared, size in zip(passes, sizes):
+            prepared.model.last_batch = (total - size, len(passes) - 1)
+        if self.on_pass is not None:
+            drafting = sum(1 for prepared, size in zip(passes, sizes) if size > 1 and not prepared.last_only)
+            self.on_pass(PassRecord(getattr(passes[0].model, "name", "model"), len(passes), total, drafting, seconds))

@@ -1,0 +1,154 @@
+"""Continuous batching on the llama.cpp backend (duospec/batching.py, models/joint.py): lanes of one
+cache answer several requests at once, each exactly as it would alone.
+
+Tiny float32 GGUF files (tests/tiny_gguf.py): requests answered in threads, their passes joined,
+must give the tokens of the same requests answered one at a time, for every method, while requests
+join and leave between passes; a lane's cache operations never touch another lane's cells.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
+
+from tiny_gguf import write_gguf  # noqa: E402
+from tiny_models import EOS_ID, perturbed, tiny_model, tiny_tokenizer  # noqa: E402
+
+from duospec.api import Pipeline  # noqa: E402
+from duospec.batching import check_batchable, default_max_batch, open_lanes  # noqa: E402
+from duospec.budget.batch import BatchPricedProfile  # noqa: E402
+from duospec.budget.model import CostProfile  # noqa: E402
+from duospec.config import DuospecError  # noqa: E402
+from duospec.models.llamacpp import LlamaCppModel, LlamaCppSettings, split_lanes  # noqa: E402
+
+LANES = 4
+SETTINGS = LlamaCppSettings(context=256, batch=64, sequences=64, threads=1, lanes=LANES)
+PROMPTS = ["w1 w2 w3", "w5 w9 w5 w9 w5", "w20 w21 w22 w23 w24 w25 w26 w27 w28 w29 w30 w31", "w40", "w7 w7 w8", "w3 w1 w4 w1 w5 w9 w2 w6"]
+# (method, options): fixed budgets, so no request measures costs (a lane never measures)
+REQUESTS = [
+    ("ar", {}),
+    ("sd", {"gamma": 3}),
+    ("pld", {"gamma": 4}),
+    ("suffix", {"gamma": 8}),
+    ("specexec", {"tree_budget": 12, "tree_depth": 4}),
+    ("multiseq", {"gamma": 3}),
+]
+
+
+@pytest.fixture(scope="module")
+def gguf_files(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("gguf")
+    target = tiny_model(seed=0)
+    return {"target": write_gguf(target, directory / "target.gguf"), "draft": write_gguf(perturbed(target, noise=0.2, seed=7), directory / "draft.gguf")}
+
+
+def pipeline(files, settings: LlamaCppSettings) -> Pipeline:
+    pipe = Pipeline(LlamaCppModel(files["target"], settings), tiny_tokenizer(), device=torch.device("cpu"), dtype=torch.float32, threads=1, backend="llama.cpp", eos_ids=frozenset({EOS_ID}))
+    pipe.attach_draft(LlamaCppModel(files["draft"], settings))
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def solo_answers(gguf_files):
+    """Every (prompt, method) answered alone, one at a time, on an unsplit pipeline."""
+    pipe = pipeline(gguf_files, LlamaCppSettings(context=256, batch=64, sequences=16, threads=1))
+    return {(prompt, method): pipe.generate(prompt, method=method, max_new_tokens=24, **options).token_ids for prompt in PROMPTS for method, options in REQUESTS}
+
+
+def run_batched(lanes, joint, jobs, on_done=None):
+    """Answer `jobs` (prompt, method, options) on the lanes: one thread per lane, each taking jobs
+    from a shared list as it finishes the last (requests join and leave while others run)."""
+    answers, errors, lock = {}, [], threading.Lock()
+    queue = list(jobs)
+
+    def worker(lane: Pipeline) -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                prompt, method, options = queue.pop(0)
+            try:
+                with joint.member():
+                    result = lane.generate(prompt, method=method, max_new_tokens=24, **options)
+                answers[(prompt, method)] = result.token_ids
+            except BaseException as error:  # reported below: a thread's exception is otherwise lost
+                errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(lane,)) for lane in lanes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+    return answers
+
+
+def test_batched_requests_equal_the_same_requests_alone(gguf_files, solo_answers):
+    pipe = pipeline(gguf_files, SETTINGS)
+    passes = []
+    lanes, joint = open_lanes(pipe, LANES, on_pass=passes.append)
+    jobs = [(prompt, method, options) for method, options in REQUESTS for prompt in PROMPTS]
+    answers = run_batched(lanes, joint, jobs)
+    mismatches = [key for key, tokens in solo_answers.items() if answers[key] != tokens]
+    assert not mismatches, mismatches
+    target_passes = [record for record in passes if "draft" not in record.model and record.model.startswith(str(gguf_files["target"]))]
+    assert max(record.lanes for record in target_passes) == LANES  # the passes really were joint
+    assert any(record.drafting_lanes for record in target_passes)
+
+
+def test_lanes_own_their_cells(gguf_files):
+    """Trees kept and dropped on one lane leave another lane's next logits as a fresh run gives them."""
+    model = LlamaCppModel(gguf_files["target"], SETTINGS)
+    first, second = split_lanes(model, 2)
+    first.forward(torch.tensor([5, 6, 7, 8]))
+    second.forward(torch.tensor([9, 10, 11]))
+    mask = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    second.forward(torch.tensor([12, 13, 14]), positions=torch.tensor([3, 4, 4]), tree_mask=mask)
+    second.keep([0, 2])
+    first.forward(torch.tensor([20, 21, 22]), positions=torch.tensor([4, 5, 5]), tree_mask=mask)
+    first.keep([])
+    after_first = first.forward(torch.tensor([30]))
+    after_second = second.forward(torch.tensor([31]))
+    alone = LlamaCppModel(gguf_files["target"], LlamaCppSettings(context=256, batch=64, sequences=16, threads=1))
+    expected_first = alone.forward(torch.tensor([5, 6, 7, 8, 30]))[-1]
+    alone.reset()
+    expected_second = alone.forward(torch.tensor([9, 10, 11, 12, 14, 31]))[-1]
+    torch.testing.assert_close(after_first[-1], expected_first, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(after_second[-1], expected_second, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="split into lanes"):
+        model.forward(torch.tensor([1]))
+
+
+def test_a_lane_refuses_duo_and_the_budget_knows_the_batch(gguf_files):
+    pipe = pipeline(gguf_files, SETTINGS)
+    lanes, _ = open_lanes(pipe, 2)
+    with pytest.raises(DuospecError, match="--max-batch 1"):
+        lanes[0].duo_runtime()
+    curve = {1: 0.05, 2: 0.085, 4: 0.17, 8: 0.33, 16: 0.5}
+    lanes[0].target.last_batch = (0, 0)
+    alone = BatchPricedProfile(curve, lane=lanes[0].target)
+    assert [alone.target_pass(n) for n in (1, 2, 4)] == [CostProfile(curve).target_pass(n) for n in (1, 2, 4)]
+    lanes[0].target.last_batch = (7, 7)  # seven other requests, one token each, in the pass
+    batched = BatchPricedProfile(curve, lane=lanes[0].target)
+    assert batched.target_pass(1) == pytest.approx(0.33 / 8)  # its share of the pass
+    assert batched.target_pass(2) == pytest.approx(0.33 / 8 + (0.5 - 0.33) / 8)  # plus what one draft adds to the pass: t(9) - t(8)
+
+
+def test_the_default_batch_comes_from_the_curve():
+    steep = CostProfile({1: 0.05, 2: 0.1, 4: 0.2, 8: 0.4, 16: 0.8})  # no gain from width
+    flat = CostProfile({1: 0.05, 2: 0.05, 4: 0.051, 8: 0.052, 16: 0.053})
+    this_machine = CostProfile({1: 0.056, 2: 0.094, 4: 0.183, 8: 0.351, 16: 0.494, 24: 0.745, 33: 1.019})
+    assert default_max_batch(steep) == 1
+    assert default_max_batch(flat) == 16
+    assert default_max_batch(this_machine) == 16
+
+
+def test_batching_needs_llama_cpp(gguf_files):
+    from tiny_models import tiny_pipeline
+
+    with pytest.raises(DuospecError, match="needs the llama.cpp backend"):
+        check_batchable(tiny_pipeline(tiny_model(seed=0)), 2)
