@@ -458,7 +458,6 @@ def load(
     draft_threads: int | None = None,
     draft_quantization: str = "auto",
     context: int | None = None,
-    lanes: int = 1,
     attn_implementation: str = "sdpa",
     progress: bool = True,
     offload: bool = False,
@@ -474,8 +473,7 @@ def load(
     needs it. backend/draft_backend: "auto" (llama.cpp on CPUs where it is installed and the model is
     GGUF), "transformers" or "llama.cpp". draft_quantization (transformers drafts): "auto" = int8
     weights on CPUs (half a draft step's memory traffic; exactness untouched), "int8" or "none".
-    context: llama.cpp KV cells per model (per lane). lanes: requests one llama.cpp cache serves at
-    once (continuous batching, duospec/batching.py), each with `context` cells. offload: the target's layers streamed from pinned CPU
+    context: llama.cpp KV cells per model (per request under batching: duospec/batching.py). offload: the target's layers streamed from pinned CPU
     memory to the GPU every pass (SpecExec with targets larger than the GPU). deterministic: every
     method's greedy output equals `ar`'s bit for bit (transformers; refused where this machine's
     kernels cannot keep it). suffix_history_tokens/suffix_scope: what suffix decoding drafts from.
@@ -488,7 +486,7 @@ def load(
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
-    for label, value in (("threads", threads), ("draft_threads", draft_threads), ("context", context), ("lanes", lanes)):
+    for label, value in (("threads", threads), ("draft_threads", draft_threads), ("context", context)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise DuospecError(f"{label} must be a positive integer, got {value!r}")
     target_name = target or DEFAULT_TARGET
@@ -500,7 +498,7 @@ def load(
     target_backend = resolve_backend(backend, target_name, torch_device, deterministic=deterministic)
     target_options = LoadOptions(
         backend=target_backend, device=torch_device, dtype=torch_dtype, threads=threads, attn_implementation=attn_implementation, offload=offload,
-        deterministic=deterministic, llama=LlamaCppSettings(lanes=lanes) if context is None else LlamaCppSettings(context=context, lanes=lanes),
+        deterministic=deterministic, llama=LlamaCppSettings() if context is None else LlamaCppSettings(context=context),
     )
     draft_options = None if draft is None else _draft_options(draft, target_options, backend if draft_backend is None else draft_backend, draft_threads, draft_quantization)
     quantization = "none" if draft_options is None else draft_options.quantization

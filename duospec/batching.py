@@ -50,9 +50,8 @@ def check_batchable(pipe: Pipeline, count: int) -> None:
 
 
 def open_lanes(pipe: Pipeline, count: int, on_pass: Callable[[PassRecord], None] | None = None) -> tuple[list[Pipeline], JointPasses]:
-    """`count` lane pipelines over `pipe`'s models and the JointPasses their threads meet in. The
-    models must have been loaded for that many lanes (duospec.load(lanes=...)); `pipe` itself runs
-    nothing afterwards. Call after every cost the methods need is measured (server/run.py's warm-up):
+    """`count` lane pipelines over `pipe`'s models and the JointPasses their threads meet in. Each
+    model's KV cache grows to `count` times its context; `pipe` itself runs nothing afterwards. Call after every cost the methods need is measured (server/run.py's warm-up):
     a lane never measures."""
     from duospec.models.llamacpp import run_passes, split_lanes
 

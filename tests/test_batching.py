@@ -26,7 +26,7 @@ from duospec.config import DuospecError  # noqa: E402
 from duospec.models.llamacpp import LlamaCppModel, LlamaCppSettings, split_lanes  # noqa: E402
 
 LANES = 4
-SETTINGS = LlamaCppSettings(context=256, batch=64, sequences=64, threads=1, lanes=LANES)
+SETTINGS = LlamaCppSettings(context=256, batch=64, sequences=64, threads=1)
 PROMPTS = ["w1 w2 w3", "w5 w9 w5 w9 w5", "w20 w21 w22 w23 w24 w25 w26 w27 w28 w29 w30 w31", "w40", "w7 w7 w8", "w3 w1 w4 w1 w5 w9 w2 w6"]
 # (method, options): fixed budgets, so no request measures costs (a lane never measures)
 REQUESTS = [

@@ -33,7 +33,7 @@ import copy
 import ctypes
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +95,7 @@ class LlamaCppSettings:
     sequences: int = DEFAULT_SEQUENCES
     threads: int | None = None
     repack: bool = True  # llama.cpp's repacked CPU weight layouts ("extra buffer types"), faster kernels
-    lanes: int = 1  # requests the cache serves at once (open_lanes); each gets `context` cells
+    lanes: int = 1  # requests the cache serves at once (split_lanes sets it); each gets `context` cells
 
     def resolved_threads(self) -> int:
         return self.threads or usable_cores()
@@ -141,39 +141,14 @@ class LlamaCppModel:
                 "not supported by this llama.cpp build (rerun with verbose logging for details, or use --backend transformers)"
             )
         self.trained_context = int(llama_cpp.llama_model_n_ctx_train(self._model))
-        threads = settings.resolved_threads()
-        context_params = llama_cpp.llama_context_default_params()
-        per_lane = min(settings.context, self.trained_context) if self.trained_context > 0 else settings.context
-        context_params.n_ctx = per_lane * settings.lanes
-        context_params.n_batch = settings.batch
-        context_params.n_ubatch = settings.batch
-        context_params.n_seq_max = settings.sequences
-        context_params.n_threads = threads
-        context_params.n_threads_batch = threads
-        context_params.kv_unified = True  # one token in several sequences (trees) needs a unified cache
-        self._ctx = llama_cpp.llama_init_from_model(self._model, context_params)
-        if not self._ctx:
-            llama_cpp.llama_model_free(self._model)
-            self._model = None
-            raise DuospecError(f"llama.cpp could not create a context for {self.path} (context {context_params.n_ctx}); try a smaller --context")
-        self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
-        self.max_context = int(llama_cpp.llama_n_ctx(self._ctx)) // settings.lanes  # cells one lane (or the model alone) may use
-        self.threads = threads
-        self._batch_size = int(llama_cpp.llama_n_batch(self._ctx))
-        self._batch = llama_cpp.llama_batch_init(self._batch_size, 0, settings.sequences)
-        # numpy views of the batch's arrays: filling them costs one vectorised write per field.
-        self._batch_tokens = np.ctypeslib.as_array(self._batch.token, shape=(self._batch_size,))
-        self._batch_positions = np.ctypeslib.as_array(self._batch.pos, shape=(self._batch_size,))
-        self._batch_n_seq = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self._batch_size,))
-        self._batch_logits = np.ctypeslib.as_array(self._batch.logits, shape=(self._batch_size,))
-        self._seq_rows = [np.ctypeslib.as_array(self._batch.seq_id[i], shape=(settings.sequences,)) for i in range(self._batch_size)]
+        _open_context(self)
         self._cache_len = 0
         self._tree: _OpenTree | None = None  # the tokens since the last ordinary forward and their sequence ids
         self.held_prefix = None  # what a caller recorded the cache to hold (models/prefix.py); any cache change drops it
         # The sequence ids this Model uses: its committed prefix on `_home`, tree leaves on the `_leaf_ids`
-        # ids after it. The model alone owns them all; a lane (open_lanes) a block of them.
+        # ids after it. The model alone owns them all; a lane (split_lanes) a block of them.
         self._home, self._leaf_ids = 0, settings.sequences - 1
         self._engine = self  # the model whose llama.cpp context this Model's passes run in
         self._lanes_open = False
@@ -363,12 +338,50 @@ class LlamaCppModel:
             pass
 
 
+def _open_context(model: LlamaCppModel) -> None:
+    """Create the model's llama.cpp context (its KV cache: `context` cells per lane) and its batch."""
+    llama_cpp, settings = model._lib, model.settings
+    threads = settings.resolved_threads()
+    context_params = llama_cpp.llama_context_default_params()
+    per_lane = min(settings.context, model.trained_context) if model.trained_context > 0 else settings.context
+    context_params.n_ctx = per_lane * settings.lanes
+    context_params.n_batch = settings.batch
+    context_params.n_ubatch = settings.batch
+    context_params.n_seq_max = settings.sequences
+    context_params.n_threads = threads
+    context_params.n_threads_batch = threads
+    context_params.kv_unified = True  # one token in several sequences (trees) needs a unified cache
+    model._ctx = llama_cpp.llama_init_from_model(model._model, context_params)
+    if not model._ctx:
+        llama_cpp.llama_model_free(model._model)
+        model._model = None
+        raise DuospecError(f"llama.cpp could not create a context for {model.path} ({context_params.n_ctx} cells); try a smaller --ctx-size or --max-batch")
+    model._memory = llama_cpp.llama_get_memory(model._ctx)
+    model.max_context = int(llama_cpp.llama_n_ctx(model._ctx)) // settings.lanes  # cells one lane (or the model alone) may use
+    model.threads = threads
+    model._batch_size = int(llama_cpp.llama_n_batch(model._ctx))
+    model._batch = llama_cpp.llama_batch_init(model._batch_size, 0, settings.sequences)
+    # numpy views of the batch's arrays: filling them costs one vectorised write per field.
+    model._batch_tokens = np.ctypeslib.as_array(model._batch.token, shape=(model._batch_size,))
+    model._batch_positions = np.ctypeslib.as_array(model._batch.pos, shape=(model._batch_size,))
+    model._batch_n_seq = np.ctypeslib.as_array(model._batch.n_seq_id, shape=(model._batch_size,))
+    model._batch_logits = np.ctypeslib.as_array(model._batch.logits, shape=(model._batch_size,))
+    model._seq_rows = [np.ctypeslib.as_array(model._batch.seq_id[i], shape=(settings.sequences,)) for i in range(model._batch_size)]
+
+
 def split_lanes(model: LlamaCppModel, count: int) -> list[LlamaCppModel]:
-    """Split `model`'s cache into `count` lanes (at most settings.lanes), each a Model of its own
-    with `max_context` cells and an equal block of sequence ids. The model itself runs no pass
-    afterwards (its ids are the lanes' now); its cache is cleared first."""
-    if not 1 <= count <= model.settings.lanes:
-        raise DuospecError(f"{model.name} was loaded for {model.settings.lanes} lanes, not {count}; load it with lanes={count}")
+    """Split `model`'s cache into `count` lanes, each a Model of its own with `max_context` cells and
+    an equal block of sequence ids. The context is created anew with `count` times the cells (the
+    weights stay loaded, so measured pass costs stay valid). The model itself runs no pass afterwards
+    (its ids are the lanes' now)."""
+    if not 1 <= count <= model.settings.sequences // 2:
+        raise DuospecError(f"{model.name}: at most {model.settings.sequences // 2} lanes (two sequence ids each), got {count}")
+    if count != model.settings.lanes:
+        model._lib.llama_batch_free(model._batch)
+        model._lib.llama_free(model._ctx)
+        model._ctx = None
+        model.settings = replace(model.settings, lanes=count)
+        _open_context(model)
     model.reset()
     block = model.settings.sequences // count
     lanes = []
