@@ -38,6 +38,16 @@ def default_max_batch(profile: CostProfile, cap: int = DEFAULT_BATCH_CAP) -> int
     return min(n for n in sizes if rates[n] >= NEAR_BEST * best)
 
 
+def batch_choice_note(profile: CostProfile, chosen: int) -> str:
+    """Why the default batch is what it is, in measured terms (the server's start-up line)."""
+    one = 1 / profile.target_pass(1)
+    rate = chosen / profile.target_pass(chosen)
+    return (
+        f"batch up to {chosen} requests (--max-batch): a pass over {chosen} tokens costs {profile.target_pass(chosen) / profile.target_pass(1):.2f}x "
+        f"a 1-token pass here, {rate:.1f} tokens/s for the batch against {one:.1f} for one request alone"
+    )
+
+
 def check_batchable(pipe: Pipeline, count: int) -> None:
     """Refuse a batch this pipeline cannot run, saying what would."""
     if not 1 <= count <= MAX_LANES:
@@ -51,12 +61,19 @@ def check_batchable(pipe: Pipeline, count: int) -> None:
 
 def open_lanes(pipe: Pipeline, count: int, on_pass: Callable[[PassRecord], None] | None = None) -> tuple[list[Pipeline], JointPasses]:
     """`count` lane pipelines over `pipe`'s models and the JointPasses their threads meet in. Each
-    model's KV cache grows to `count` times its context; `pipe` itself runs nothing afterwards. Call after every cost the methods need is measured (server/run.py's warm-up):
+    model's KV cache grows to `count` times its context; `pipe` itself runs nothing afterwards.
+    on_pass hears every joint target pass (the server's metrics). Call after every cost the methods need is measured (server/run.py's warm-up):
     a lane never measures."""
     from duospec.models.llamacpp import run_passes, split_lanes
 
     check_batchable(pipe, count)
-    joint = JointPasses(run_passes, on_pass)
+    target_key = id(pipe.target)  # the joint key of the target's passes (a draft's are not reported)
+
+    def target_passes_only(record: PassRecord) -> None:
+        if on_pass is not None and record.key == target_key:
+            on_pass(record)
+
+    joint = JointPasses(run_passes, target_passes_only)
     targets = split_lanes(pipe.target, count)
     drafts: list = [None] * count
     if pipe.has_draft and pipe.draft_backend == "llama.cpp":

@@ -43,12 +43,13 @@ class JointPass(Protocol):
 
 @dataclass
 class PassRecord:
-    """One joint pass, for the server's metrics: lanes in it, tokens, and lanes that scored drafts."""
+    """One joint pass, for the server's metrics: lanes in it, tokens, lanes that scored drafts."""
 
-    model: str
+    key: object  # the passes' joint_key: which model ran it
     lanes: int
     tokens: int
     drafting_lanes: int  # lanes whose pass held more than their next token (a prompt's pass excluded)
+    prompt_lanes: int  # lanes whose pass was a prompt's
     seconds: float
 
 
@@ -156,4 +157,5 @@ class JointPasses:
             prepared.model.last_batch = (total - size, len(passes) - 1)
         if self.on_pass is not None:
             drafting = sum(1 for prepared, size in zip(passes, sizes) if size > 1 and not prepared.last_only)
-            self.on_pass(PassRecord(getattr(passes[0].model, "name", "model"), len(passes), total, drafting, seconds))
+            prompts = sum(1 for prepared in passes if prepared.last_only)
+            self.on_pass(PassRecord(passes[0].joint_key, len(passes), total, drafting, prompts, seconds))

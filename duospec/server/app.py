@@ -49,7 +49,8 @@ class ServerSettings:
     model_name: str  # the id clients send as `model` (and /v1/models lists)
     method: str = "auto"  # for requests that name none
     api_key: str | None = None
-    max_queue: int = 8  # requests waiting beyond the running one
+    max_queue: int = 8  # requests waiting beyond the running ones
+    max_batch: int = 1  # requests generating at once (continuous batching, duospec/batching.py); 1: one at a time
     max_tokens: int = 4096  # the most a request may ask for (and the default, within the context)
     max_prompt_tokens: int | None = None  # None: the context minus one
     max_body_bytes: int = 2_000_000
@@ -67,9 +68,14 @@ class ServerState:
         # The generating thread uses the pipeline's tokenizer; handlers encode prompts with copies.
         self.encoder = PromptEncoder(pipeline.tokenizer, pipeline.target.vocab_size, allow_special_tokens=settings.allow_special_tokens)
         self.loop: asyncio.AbstractEventLoop | None = None  # set at start-up: signals hand work to it
-        self.context = pipeline.target.max_context
-        self.metrics = ServerMetrics(lambda: self.scheduler.waiting, lambda: self.scheduler.running)
-        self.scheduler = Scheduler(pipeline, settings.max_queue, self.metrics)
+        self.metrics = ServerMetrics(lambda: self.scheduler.waiting, lambda: self.scheduler.running, settings.max_batch)
+        lanes, joint = [pipeline], None
+        if settings.max_batch > 1:  # the models' caches split into lanes whose passes join
+            from duospec.batching import open_lanes
+
+            lanes, joint = open_lanes(pipeline, settings.max_batch, on_pass=self.metrics.record_pass)
+        self.context = pipeline.target.max_context  # per request (lane)
+        self.scheduler = Scheduler(lanes, settings.max_queue, self.metrics, joint)
         self.created = int(time.time())
 
 
@@ -116,7 +122,13 @@ def create_app(pipeline, settings: ServerSettings) -> FastAPI:
     async def health() -> JSONResponse:
         healthy = state.scheduler.alive and not state.scheduler.closing
         status = 200 if healthy else 503
-        body = {"status": "ok" if healthy else "stopping" if state.scheduler.closing else "generating thread stopped", "model": settings.model_name, "waiting": state.scheduler.waiting, "running": state.scheduler.running}
+        body = {
+            "status": "ok" if healthy else "stopping" if state.scheduler.closing else "generating thread stopped",
+            "model": settings.model_name,
+            "waiting": state.scheduler.waiting,
+            "running": state.scheduler.running,  # the batch in flight
+            "max_batch": state.scheduler.max_batch,
+        }
         return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")

@@ -24,7 +24,8 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:
         "serve",
         help="an OpenAI-compatible HTTP server (chat and text completions, streaming) on one loaded model pair",
         description="Serve the OpenAI API (POST /v1/chat/completions, POST /v1/completions, GET /v1/models) plus GET /health "
-        "and GET /metrics (Prometheus). Requests run one at a time; up to --max-queue wait, more get 503 with Retry-After.",
+        "and GET /metrics (Prometheus). Up to --max-batch requests generate at once (continuous batching on llama.cpp: their passes join); "
+        "up to --max-queue more wait, more than that get 503 with Retry-After.",
     )
     group = serve.add_argument_group("server")
     group.add_argument("--host", default=LOOPBACK, help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
@@ -32,7 +33,12 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:
     group.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (default: $DUOSPEC_API_KEY if set, else no key)")
     group.add_argument("--served-model-name", default=None, help="the model id clients send and /v1/models lists (default: the target's name)")
     group.add_argument("--method", default="auto", help=f"method of requests that name none (a request's 'method' field overrides it): {', '.join(METHODS)} (default auto)")
-    group.add_argument("--max-queue", type=int, default=8, help="requests that may wait beyond the running one; more get 503 (default 8)")
+    group.add_argument("--max-queue", type=int, default=8, help="requests that may wait beyond the running ones; more get 503 (default 8)")
+    group.add_argument(
+        "--max-batch", type=int, default=None,
+        help="requests that generate at once, their passes joined (continuous batching, llama.cpp backend); each gets --ctx-size cells "
+        "(default: from the measured cost curve, the smallest batch within 90%% of the best tokens/s up to 16; 1 on transformers or with --method duo)",
+    )
     group.add_argument("--max-tokens", type=int, default=4096, help="the most tokens a request may ask for; also the default, within the context (default 4096)")
     group.add_argument("--max-prompt-tokens", type=int, default=None, help="the longest prompt accepted, in tokens (default: the context minus one)")
     group.add_argument("--max-body-bytes", type=int, default=2_000_000, help="the largest request body accepted (default 2000000)")
@@ -65,11 +71,13 @@ def run_serve(args: argparse.Namespace) -> int:
     pipe.verbose = args.verbose
     try:
         _warm_up(pipe, args.method)
+        max_batch = _max_batch(pipe, args)
         settings = ServerSettings(
             model_name=args.served_model_name or pipe.target_source,
             method=args.method,
             api_key=api_key,
             max_queue=args.max_queue,
+            max_batch=max_batch,
             max_tokens=args.max_tokens,
             max_prompt_tokens=args.max_prompt_tokens,
             max_body_bytes=args.max_body_bytes,
@@ -82,7 +90,7 @@ def run_serve(args: argparse.Namespace) -> int:
         server = _graceful_server(config, on_exit=_shutdown_callback(app.state.duospec))
         host, port = listener.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
-        print(f"duospec: serving {settings.model_name!r} on http://{shown}:{port}/v1 (default method {args.method}, queue {args.max_queue}); Ctrl-C stops", file=sys.stderr, flush=True)
+        print(f"duospec: serving {settings.model_name!r} on http://{shown}:{port}/v1 (default method {args.method}, batch {max_batch}, queue {args.max_queue}); Ctrl-C stops", file=sys.stderr, flush=True)
         server.run(sockets=[listener])
     finally:
         pipe.close()  # no draft process outlives the server
@@ -97,6 +105,12 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise DuospecError(f"unknown method {args.method!r} for --method; choose one of: {', '.join(METHODS)}")
     if not 0 <= args.port <= 65535:
         raise DuospecError(f"--port must be in 0..65535, got {args.port}")
+    from duospec.batching import MAX_LANES
+
+    if args.max_batch is not None and not 1 <= args.max_batch <= MAX_LANES:
+        raise DuospecError(f"--max-batch must be in 1..{MAX_LANES}, got {args.max_batch}")
+    if args.method == "duo" and (args.max_batch or 1) > 1:
+        raise DuospecError("--method duo runs one request at a time (its draft process needs the cores a batch keeps busy); serve it with --max-batch 1, or pick another --method")
     for flag, value, low in (("--max-queue", args.max_queue, 0), ("--max-tokens", args.max_tokens, 1), ("--max-body-bytes", args.max_body_bytes, 1024), ("--max-connections", args.max_connections, 1)):
         if value < low:
             raise DuospecError(f"{flag} must be at least {low}, got {value}")
@@ -150,6 +164,21 @@ def _warm_up(pipe, method: str) -> None:
     measured = measure_costs(pipe, list(METHODS), method)
     print(f"duospec: costs ready before serving: {', '.join(measured)}", file=sys.stderr, flush=True)
     pipe.generate(pipe.encode("Hello", chat=False), method=method, max_new_tokens=4, temperature=0.0)
+
+
+def _max_batch(pipe, args: argparse.Namespace) -> int:
+    """--max-batch, or its default from the measured cost curve (1 where batching cannot run)."""
+    from duospec.batching import batch_choice_note, check_batchable, default_max_batch
+
+    if args.max_batch is not None:
+        check_batchable(pipe, args.max_batch)
+        return args.max_batch
+    if pipe.backend != "llama.cpp" or args.method == "duo":
+        return 1
+    profile = pipe.costs.target_profile()
+    chosen = default_max_batch(profile)
+    print(f"duospec: {batch_choice_note(profile, chosen)}", file=sys.stderr, flush=True)
+    return chosen
 
 
 def _shutdown_callback(state) -> Callable[[], None]:

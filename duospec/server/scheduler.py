@@ -1,10 +1,12 @@
-"""One generating thread, a bounded queue in front of it, and the events a request's handler reads.
+"""Generating threads, a bounded queue in front of them, and the events a request's handler reads.
 
-A Pipeline holds one KV cache per model, so requests run one at a time, on a CPU and on a GPU alike
-(no batching yet). The thread lives as long as the server: a Duo draft process started from it is
-tied to it (PR_SET_PDEATHSIG fires when the starting thread ends), and `close` stops the pipeline from
-it. Handlers (on the event loop) and this thread meet only through `Job`: its events queue (filled
-with call_soon_threadsafe) and its cancel flag, which the thread reads after every round.
+One generating thread per pipeline it is given. With one pipeline, requests run one at a time (the
+transformers backend, --max-batch 1, and `duo`, whose draft process is tied to the thread: its
+PR_SET_PDEATHSIG fires when the starting thread ends). With the lanes of a batch (duospec/batching.py)
+each lane's thread answers one request at a time and their passes join (models/joint.py): continuous
+batching, requests joining and leaving between passes. A thread lives as long as the server, and
+`close` stops its pipeline from it. Handlers (on the event loop) and these threads meet only through
+`Job`: its events queue (filled with call_soon_threadsafe) and its cancel flag, read after every round.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class Failed:
     partial_text: str = ""
 
 
-@dataclass
+@dataclass(eq=False)  # compared (and hashed) by identity: the running set holds jobs
 class Job:
     """One admitted request: what to generate and where its events go."""
 
@@ -77,19 +79,26 @@ class Job:
 
 
 class Scheduler:
-    """Admits jobs into a bounded queue and runs them, one at a time, on its own thread."""
+    """Admits jobs into a bounded queue and runs them on its generating threads, one per pipeline.
 
-    def __init__(self, pipeline, max_waiting: int, metrics: ServerMetrics) -> None:
-        self.pipeline = pipeline
+    pipelines: one (requests one at a time), or a batch's lanes whose threads meet in `joint`.
+    """
+
+    def __init__(self, pipelines: list, max_waiting: int, metrics: ServerMetrics, joint=None) -> None:
+        self.pipelines = pipelines
+        self.pipeline = pipelines[0]  # its tokenizer (every lane shares it)
+        self.joint = joint
         self.max_waiting = max_waiting
         self.metrics = metrics
         self.closing = False
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
-        self._running: Job | None = None
+        self._running: set[Job] = set()
         self._mean_seconds = 5.0  # request duration, for Retry-After; learned as requests finish
-        self._thread = threading.Thread(target=self._work, name="duospec-generate", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._work, args=(pipeline,), name=f"duospec-generate-{index}", daemon=True) for index, pipeline in enumerate(pipelines)
+        ]
 
     # -- the handlers' side (event loop) ----------------------------------------------------------
     @property
@@ -98,22 +107,28 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return 1 if self._running is not None else 0
+        """Requests generating now (the batch in flight)."""
+        return len(self._running)
+
+    @property
+    def max_batch(self) -> int:
+        return len(self.pipelines)
 
     @property
     def alive(self) -> bool:
-        """Whether the generating thread runs (a server without it can answer nothing)."""
-        return self._thread.is_alive()
+        """Whether every generating thread runs (a server without them can answer nothing)."""
+        return all(thread.is_alive() for thread in self._threads)
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, job: Job) -> None:
         """Queue the job, or raise a 503 with Retry-After when the queue is full or the server stops."""
         with self._lock:
             if self.closing or not self.alive:
                 raise overloaded("the server is shutting down; send the request to another instance or retry later", 5)
-            if self._waiting + self.running > self.max_waiting:  # one runs, max_waiting wait
+            if self._waiting >= self.max_waiting + self.max_batch - self.running:  # max_batch run, max_waiting wait
                 raise overloaded(
                     f"the server is busy: {self._waiting} requests are waiting for the model (limit {self.max_waiting}, --max-queue); retry later",
                     self.retry_after(),
@@ -135,11 +150,11 @@ class Scheduler:
             log.info("%s %s %d prompt=%d left the queue before it started (client gone) queue=%.2fs", job.id, job.endpoint, STATUS_CLIENT_CLOSED, len(job.prompt_ids), time.perf_counter() - job.arrived)
 
     def retry_after(self) -> int:
-        """Seconds until a slot is likely free: the queue ahead times the mean request time."""
-        return max(1, min(600, math.ceil(self._mean_seconds * (self._waiting + self.running))))
+        """Seconds until a place is likely free: the queue ahead times the mean request time, shared by the batch."""
+        return max(1, min(600, math.ceil(self._mean_seconds * (self._waiting + self.running) / self.max_batch)))
 
     def begin_shutdown(self) -> None:
-        """Refuse new jobs, fail the queued ones with 503, stop the running one at its next round."""
+        """Refuse new jobs, fail the queued ones with 503, stop the running ones at their next round."""
         with self._lock:
             self.closing = True
             queued = []
@@ -156,14 +171,17 @@ class Scheduler:
             job.emit(Failed(overloaded("the server is shutting down; the request was not started, retry it elsewhere or later", 5)))
 
     def close(self, timeout: float = 60.0) -> None:
-        """begin_shutdown, then wait for the thread to finish its round and stop the pipeline."""
+        """begin_shutdown, then wait for the threads to finish their rounds and stop their pipelines."""
         self.begin_shutdown()
-        self._queue.put(None)
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        for _ in self._threads:
+            self._queue.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
-    # -- the generating thread --------------------------------------------------------------------
-    def _work(self) -> None:
+    # -- the generating threads -------------------------------------------------------------------
+    def _work(self, pipeline) -> None:
         try:
             while True:
                 job = self._queue.get()
@@ -174,25 +192,29 @@ class Scheduler:
                         continue  # dropped: its client left while it waited
                     self._waiting -= 1
                     job.state = "running"
-                    self._running = job
+                    self._running.add(job)
                 try:
-                    self._run(job)
+                    if self.joint is None:
+                        self._run(job, pipeline)
+                    else:
+                        with self.joint.member():  # its passes join the other lanes' (models/joint.py)
+                            self._run(job, pipeline)
                 except BaseException:  # even a failure while reporting a failure must not end the thread
                     log.exception("%s: the generating thread caught an error", job.id)
                     job.emit(Failed(APIError(500, "generation failed inside the server; see its log", type="server_error")))
                 finally:
                     with self._lock:
                         job.state = "done"
-                        self._running = None
+                        self._running.discard(job)
         finally:
-            self.pipeline.close()  # a Duo draft process ends with the thread that started it
+            pipeline.close()  # a Duo draft process ends with the thread that started it
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job, pipeline) -> None:
         started = time.perf_counter()
         queue_seconds = started - job.arrived
         stream = None
         try:
-            stream = self.pipeline.stream(job.prompt_ids, **job.options)
+            stream = pipeline.stream(job.prompt_ids, **job.options)
             outcome = self._generate(job, stream)
         except DuospecError as error:
             outcome = Failed(APIError(400, str(error)), self._partial(stream))
