@@ -152,3 +152,60 @@ def test_batching_needs_llama_cpp(gguf_files):
 
     with pytest.raises(DuospecError, match="needs the llama.cpp backend"):
         check_batchable(tiny_pipeline(tiny_model(seed=0)), 2)
+
+
+# -- sampling keeps the target's law under batching ---------------------------------------------------
+def sampled_pair_counts(tmp_path, lenience: float, unrelated_draft: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """New tokens 2 and 3 of 2,000 seeded sd generations (gamma 2), answered by 4 lanes at once, and
+    the exact law of that pair (test_sampling_e2e's enumeration over the same float32 weights)."""
+    from test_sampling_e2e import PROMPT, SAMPLES, VOCAB, exact_two_token_law
+
+    from duospec.config import SamplingConfig
+
+    target = tiny_model(seed=11, vocab_size=VOCAB)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(0.25)  # as in test_sampling_e2e: every token keeps real mass
+    settings = LlamaCppSettings(context=64, batch=64, sequences=16, threads=1)
+    tokenizer = tiny_tokenizer(VOCAB, chat=False)
+    pipe = Pipeline(LlamaCppModel(write_gguf(target, tmp_path / "t.gguf", chat=False), settings), tokenizer, device=torch.device("cpu"), dtype=torch.float32, threads=1, backend="llama.cpp", eos_ids=frozenset())
+    draft = tiny_model(seed=12, vocab_size=VOCAB) if unrelated_draft else perturbed(target, noise=0.3, seed=5)
+    pipe.attach_draft(LlamaCppModel(write_gguf(draft, tmp_path / "d.gguf", chat=False), settings))
+    lanes, joint = open_lanes(pipe, 4)
+    counts = torch.zeros(VOCAB, VOCAB)
+    seeds = list(range(SAMPLES))
+    lock = threading.Lock()
+
+    def worker(lane: Pipeline) -> None:
+        while True:
+            with lock:
+                if not seeds:
+                    return
+                seed = seeds.pop()
+            with joint.member():
+                tokens = lane.generate(PROMPT, method="sd", gamma=2, max_new_tokens=3, temperature=1.0, seed=seed, lenience=lenience).token_ids
+            with lock:
+                counts[tokens[1], tokens[2]] += 1
+
+    threads = [threading.Thread(target=worker, args=(lane,)) for lane in lanes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert counts.sum() == SAMPLES
+    return counts, exact_two_token_law(target, SamplingConfig(temperature=1.0))
+
+
+def test_sampled_sd_under_batching_keeps_the_target_law(tmp_path):
+    from law_checks import goodness_of_fit
+
+    counts, law = sampled_pair_counts(tmp_path, lenience=1.0)
+    assert goodness_of_fit(counts, law) > 1e-4
+
+
+def test_the_law_check_sees_a_lossy_acceptance_under_batching(tmp_path):
+    """Negative control: lenience 0.3 (documented as lossy) with a draft far from the target (so the
+    bias shows, as in test_sampling_e2e's control), under the same batching, fails the check."""
+    from law_checks import goodness_of_fit
+
+    counts, law = sampled_pair_counts(tmp_path, lenience=0.3, unrelated_draft=True)
+    assert goodness_of_fit(counts, law, require_support=False) < 1e-4
