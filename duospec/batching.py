@@ -18,7 +18,7 @@ import copy
 from collections.abc import Callable
 
 from duospec.api import Pipeline
-from duospec.budget.batch import LaneCosts
+from duospec.budget.batch import LaneCosts, prefill_chunk
 from duospec.budget.model import CostProfile
 from duospec.config import DuospecError
 from duospec.models.joint import JointPasses, PassRecord
@@ -73,7 +73,9 @@ def open_lanes(pipe: Pipeline, count: int, on_pass: Callable[[PassRecord], None]
         if on_pass is not None and record.key == target_key:
             on_pass(record)
 
-    joint = JointPasses(run_passes, target_passes_only)
+    # The prompt chunks need the measured curve; a pipeline that never measured it (tests) is not made to.
+    curve = pipe.costs.target_costs
+    joint = JointPasses(run_passes, target_passes_only, prefill_chunk(CostProfile(curve)) if curve else None)
     targets = split_lanes(pipe.target, count)
     drafts: list = [None] * count
     if pipe.has_draft and pipe.draft_backend == "llama.cpp":

@@ -100,6 +100,36 @@ def test_batched_requests_equal_the_same_requests_alone(gguf_files, solo_answers
     assert sum(record.prompt_lanes for record in passes) == len(jobs)  # on_pass hears target passes only
 
 
+def test_a_long_prompt_beside_decoding_requests_is_cut_into_chunks(gguf_files, solo_answers):
+    """With the measured curve known, a prompt's pass beside other generating requests takes at most
+    budget/batch.py's prefill_chunk tokens; the answers stay those of the requests alone."""
+    from duospec.budget.batch import prefill_chunk
+
+    pipe = pipeline(gguf_files, SETTINGS)
+    curve = pipe.costs.target_profile()  # measured on the unsplit model, as the server does before listening
+    passes = []
+    lanes, joint = open_lanes(pipe, LANES, on_pass=passes.append)
+    assert joint.prefill_chunk is not None
+    long_prompt = PROMPTS[2]  # 12 words: the longest prompt
+    jobs = [(prompt, "ar", {}) for prompt in PROMPTS] + [(long_prompt, "pld", {"gamma": 4})]
+    answers = run_batched(lanes, joint, jobs)
+    assert all(answers[(prompt, method)] == solo_answers[(prompt, method)] for prompt, method, _ in jobs)
+    widest_chunk = prefill_chunk(curve)(LANES - 1)
+    prompt_passes = [record for record in passes if record.prompt_lanes and record.lanes > 1]
+    assert prompt_passes and all(record.tokens <= widest_chunk + record.lanes * 9 for record in prompt_passes)
+    assert any(record.prompt_lanes for record in passes if record.tokens < len(pipe.encode(long_prompt)))
+
+
+def test_the_prefill_chunk_follows_the_curve():
+    from duospec.budget.batch import prefill_chunk
+
+    steep = prefill_chunk(CostProfile({1: 0.05, 2: 0.1, 4: 0.2, 8: 0.4}))  # every token costs a full step
+    flat = prefill_chunk(CostProfile({1: 0.05, 16: 0.053, 64: 0.1, 256: 0.4}))
+    assert steep(1) == 1  # one request decoding: t(1 + 1) = 2 x t(1), t(1 + 2) more
+    assert steep(3) == 3  # t(3 + 3) = 0.3 = 2 x t(3)
+    assert 60 < flat(1) < 256  # t(1 + c) <= 0.1 up to c = 63
+
+
 def test_lanes_own_their_cells(gguf_files):
     """Trees kept and dropped on one lane leave another lane's next logits as a fresh run gives them."""
     model = LlamaCppModel(gguf_files["target"], SETTINGS)

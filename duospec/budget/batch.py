@@ -21,9 +21,14 @@ request's budgets, and with them its sampled draws, depend on what else runs; it
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from duospec.budget.model import CostProfile
+
+PREFILL_SLOWDOWN = 2.0  # a prompt's chunk may make the others' pass cost at most this many times more
+MAX_PREFILL_CHUNK = 4096
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,23 @@ class BatchPricedProfile(CostProfile):
         if beside <= 0:
             return whole(n)
         return whole(beside + 1) / (lanes + 1) + whole(beside + n) - whole(beside + 1)
+
+
+def prefill_chunk(profile: CostProfile) -> Callable[[int], int]:
+    """For n other requests decoding beside a prompt (about one token each), the most prompt tokens
+    one pass may take so that the pass costs at most PREFILL_SLOWDOWN times their own: the largest c
+    with t(n + c) <= PREFILL_SLOWDOWN * t(n) on the measured curve (at least 1). A flat curve
+    takes long chunks, a steep one short ones; alone, a prompt is never cut (models/joint.py)."""
+
+    @lru_cache(maxsize=256)
+    def chunk(others: int) -> int:
+        limit = PREFILL_SLOWDOWN * profile.target_pass(others)
+        size = 1
+        while size < MAX_PREFILL_CHUNK and profile.target_pass(others + size + 1) <= limit:
+            size += 1
+        return size
+
+    return chunk
 
 
 class LaneCosts:

@@ -7,6 +7,10 @@ passes run, one joint decode per model (target lanes together, draft lanes toget
 goes on with its own logits. So a round serves every active request, requests join and leave between
 passes, and no request waits for another's whole answer.
 
+A prompt's pass beside other generating threads is cut into chunks the cost curve prices at most
+PREFILL_SLOWDOWN times their own pass (budget/batch.py's prefill_chunk, read through `prompt_chunk`):
+a long prompt then delays the others' tokens by a bounded factor instead of by its whole prefill.
+
 Only one member thread runs Python at a time: it holds the baton from the moment it joins until it
 waits on a forward or leaves. The rounds of different requests then never interleave inside shared
 Python state (the suffix history, the tokenizer, the cost book), and when every member waits, the
@@ -70,6 +74,9 @@ class JointPasses:
 
     run_together: Callable[[list], None]
     on_pass: Callable[[PassRecord], None] | None = None
+    # Prompt tokens a pass may take beside n other generating threads (budget/batch.py's prefill_chunk),
+    # so a long prompt does not hold up their next tokens; None: a prompt takes one pass.
+    prefill_chunk: Callable[[int], int] | None = None
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _baton_held: bool = False
     _members: int = 0
@@ -96,6 +103,12 @@ class JointPasses:
                 if self._pending and len(self._pending) == self._members:
                     self._run_pending()
                 self._give_baton()
+
+    def prompt_chunk(self) -> int | None:
+        """How many prompt tokens the calling thread's next pass may take: None (all of them) when it
+        generates alone or no chunk rule is set."""
+        others = self._members - 1
+        return None if self.prefill_chunk is None or others <= 0 else self.prefill_chunk(others)
 
     def forward(self, prepared: JointPass) -> torch.Tensor:
         """Called by a lane's forward in a member thread: wait for (or run) the joint pass holding

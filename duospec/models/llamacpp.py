@@ -215,9 +215,13 @@ class LlamaCppModel:
     ) -> torch.Tensor:
         """Score `tokens` after the cache in one decode per n_batch tokens (with other lanes' pending
         passes when this lane has a joiner); see the module docstring."""
-        prepared = self.prepare_forward(tokens, positions, tree_mask, last_only, extend_tree, reduce)
         if self.joiner is not None:
-            return self.joiner.forward(prepared)
+            if last_only and positions is None and tree_mask is None and not extend_tree:  # a prompt's pass
+                while (chunk := self.joiner.prompt_chunk()) is not None and len(tokens) > chunk:
+                    self.joiner.forward(self.prepare_forward(tokens[:chunk], None, None, True, False, None))
+                    tokens = tokens[chunk:]
+            return self.joiner.forward(self.prepare_forward(tokens, positions, tree_mask, last_only, extend_tree, reduce))
+        prepared = self.prepare_forward(tokens, positions, tree_mask, last_only, extend_tree, reduce)
         try:
             run_passes([prepared])
         except BaseException:
