@@ -18,24 +18,20 @@ import copy
 from collections.abc import Callable
 
 from duospec.api import Pipeline
-from duospec.budget.batch import LaneCosts, prefill_chunk
+from duospec.budget.batch import LaneCosts, efficient_width, prefill_chunk
 from duospec.budget.model import CostProfile
 from duospec.config import DuospecError
 from duospec.models.joint import JointPasses, PassRecord
 
 MAX_LANES = 128  # llama.cpp's 256 sequence ids, two per lane at least (home and one leaf)
 DEFAULT_BATCH_CAP = 16  # the default --max-batch never exceeds this (memory: a context of cells per lane)
-NEAR_BEST = 0.9  # the default batch: the smallest measured pass size within this share of the best tokens/s
 
 
 def default_max_batch(profile: CostProfile, cap: int = DEFAULT_BATCH_CAP) -> int:
-    """The batch the measured curve pays for: the smallest measured pass size n <= cap whose tokens
-    per second n / t(n) come within NEAR_BEST of the best any measured size up to cap reaches. A flat
-    curve (GPU, AMX) gives the cap; a curve as steep as a 1-token step's (no gain from width) gives 1."""
-    sizes = sorted(n for n in profile.target_pass_seconds if n <= cap) or [1]
-    rates = {n: n / profile.target_pass(n) for n in sizes}
-    best = max(rates.values())
-    return min(n for n in sizes if rates[n] >= NEAR_BEST * best)
+    """The batch the measured curve pays for: the efficient width up to cap (budget/batch.py), the
+    smallest measured pass size within NEAR_BEST of the best tokens per second. A flat curve (GPU,
+    AMX) gives the cap; a curve as steep as a 1-token step's (no gain from width) gives 1."""
+    return efficient_width(profile, cap)
 
 
 def batch_choice_note(profile: CostProfile, chosen: int) -> str:

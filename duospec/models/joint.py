@@ -7,9 +7,10 @@ passes run, one joint decode per model (target lanes together, draft lanes toget
 goes on with its own logits. So a round serves every active request, requests join and leave between
 passes, and no request waits for another's whole answer.
 
-A prompt's pass beside other generating threads is cut into chunks the cost curve prices at most
-PREFILL_SLOWDOWN times their own pass (budget/batch.py's prefill_chunk, read through `prompt_chunk`):
-a long prompt then delays the others' tokens by a bounded factor instead of by its whole prefill.
+A prompt's pass is cut into chunks (budget/batch.py's prefill_chunk, read through `prompt_chunk`):
+beside decoding threads, chunks the cost curve prices at most PREFILL_SLOWDOWN times their own pass,
+so a long prompt delays their tokens by a bounded factor instead of by its whole prefill; with none
+decoding, chunks of the width that already prefills at full speed, so a newcomer joins within one.
 
 Only one member thread runs Python at a time: it holds the baton from the moment it joins until it
 waits on a forward or leaves. The rounds of different requests then never interleave inside shared
@@ -74,13 +75,15 @@ class JointPasses:
 
     run_together: Callable[[list], None]
     on_pass: Callable[[PassRecord], None] | None = None
-    # Prompt tokens a pass may take beside n other generating threads (budget/batch.py's prefill_chunk),
-    # so a long prompt does not hold up their next tokens; None: a prompt takes one pass.
+    # Prompt tokens a pass may take beside n threads that are decoding (budget/batch.py's prefill_chunk;
+    # n = 0: the width that prefills at full speed), so a long prompt neither holds up their next tokens
+    # nor keeps a newcomer out for its whole prefill; None: a prompt takes one pass.
     prefill_chunk: Callable[[int], int] | None = None
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _baton_held: bool = False
     _members: int = 0
     _pending: list[_Call] = field(default_factory=list)
+    _decoding: set[int] = field(default_factory=set)  # member threads past their prompt (thread idents)
 
     @property
     def members(self) -> int:
@@ -100,21 +103,25 @@ class JointPasses:
         finally:
             with self._cond:
                 self._members -= 1
+                self._decoding.discard(threading.get_ident())
                 if self._pending and len(self._pending) == self._members:
                     self._run_pending()
                 self._give_baton()
 
     def prompt_chunk(self) -> int | None:
-        """How many prompt tokens the calling thread's next pass may take: None (all of them) when it
-        generates alone or no chunk rule is set."""
-        others = self._members - 1
-        return None if self.prefill_chunk is None or others <= 0 else self.prefill_chunk(others)
+        """How many prompt tokens the calling thread's next pass may take (None: all of them, where no
+        chunk rule is set), priced by the threads decoding beside it."""
+        if self.prefill_chunk is None:
+            return None
+        return self.prefill_chunk(len(self._decoding - {threading.get_ident()}))
 
     def forward(self, prepared: JointPass) -> torch.Tensor:
         """Called by a lane's forward in a member thread: wait for (or run) the joint pass holding
         this one, then return its logits."""
         call = _Call(prepared)
         with self._cond:
+            if not prepared.last_only:
+                self._decoding.add(threading.get_ident())
             self._pending.append(call)
             if len(self._pending) >= self._members:
                 self._run_pending()

@@ -1,0 +1,299 @@
+"""Continuous batching under load: `duospec serve` (default --max-batch), the same with --max-batch 1,
+and llama-cpp-python's own server (`python -m llama_cpp.server`, same GGUF, same threads), in one run.
+
+    python scripts/server_batching.py --out docs/bench/server/batching
+    python scripts/server_batching.py --clients 1,2,4 --max-tokens 16 --servers duospec,duospec-batch1
+
+Each server starts in turn on loopback. For each client count C, C clients each send their requests
+back to back (chat, greedy, --max-tokens), all starting together; the report gives the total generated
+tokens per second over the wall time, p50/p95 seconds per request, and how each request ended (200,
+503, other). duospec's answers are compared with the same prompts answered alone (duospec with
+--max-batch 1, one client); a difference is re-scored on the target (duospec/bench/ties.py) and
+classified as a near-tie or not. Then, on the batching server, a 4-token request's latency: quiet,
+beside a long prompt's prefill, beside a first specexec request, beside 100 slow clients. Writes
+results.json, report.md and throughput.png to --out. Needs the `server` extra of llama-cpp-python for
+its row (sse-starlette, starlette-context, pydantic-settings); without it that row is skipped, saying so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    "Write a haiku about caches.", "What is 17 * 23?", "Name three sorting algorithms.", "Say hello in French.",
+    "Explain recursion in one sentence.", "List four prime numbers.", "What is a KV cache?", "Translate 'cat' into German.",
+    "Write a Python one-liner that reverses a string.", "What does HTTP stand for?", "Give a synonym for 'fast'.", "Why is the sky blue?",
+    "Name the planets closest to the sun.", "What is the capital of Japan?", "Describe a binary tree briefly.", "How many days are in a leap year?",
+]
+LONG_PROMPT = "Summarise the following text in one sentence. " + " ".join(f"Item {i}: the cache stores keys and values for token {i}." for i in range(60))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", default="1,2,4,8,16", help="client counts, comma-separated")
+    parser.add_argument("--requests", type=int, default=2, help="requests per client at 1-4 clients (one each above: the run stays bounded)")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="threads of every server (default: all cores)")
+    parser.add_argument("--servers", default="duospec,duospec-batch1,llama-cpp-server")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench" / "server" / "batching")
+    args = parser.parse_args()
+    clients = [int(c) for c in args.clients.split(",")]
+    results: dict = {"machine": machine(), "max_tokens": args.max_tokens, "clients": clients, "servers": {}}
+    for name in args.servers.split(","):
+        server = start_server(name, args.threads)
+        if server is None:
+            results["servers"][name] = {"skipped": "llama-cpp-python's server extra is not installed (pip install 'llama-cpp-python[server]')"}
+            continue
+        process, port, line = server
+        try:
+            # duospec's answers alone (one request at a time on the same server) are what its batched ones must equal
+            reference = {prompt: ask(port, prompt, args.max_tokens)["text"] for prompt in PROMPTS} if name.startswith("duospec") else None
+            rows = [load_level(port, count, args, reference) for count in clients]
+            entry = {"start_line": line, "levels": rows}
+            if name == "duospec":
+                entry["latency_checks"] = latency_checks(port)
+            results["servers"][name] = entry
+        finally:
+            process.terminate()
+            process.wait(60)
+    classify_mismatches(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    (args.out / "report.md").write_text(report(results))
+    plot(results, args.out / "throughput.png")
+    print(report(results))
+    return 0
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "unknown CPU")
+    return f"{model}, {len(os.sched_getaffinity(0))} cores"
+
+
+def start_server(name: str, threads: int | None) -> tuple[subprocess.Popen, int, str] | None:
+    """Start one server on a free loopback port; (process, port, its start-up line) or None when absent."""
+    thread_flags = [] if threads is None else ["--threads", str(threads)]
+    if name == "llama-cpp-server":
+        try:
+            import llama_cpp.server.app  # noqa: F401  (the server extra)
+        except ImportError:
+            return None
+        from duospec.models.registry import DEFAULT_TARGET, EMBEDDED_MODELS, ensure_gguf
+
+        port = free_port()
+        cores = str(threads or len(os.sched_getaffinity(0)))
+        command = [sys.executable, "-m", "llama_cpp.server", "--model", str(ensure_gguf(EMBEDDED_MODELS[DEFAULT_TARGET])), "--host", "127.0.0.1", "--port", str(port),
+                   "--n_threads", cores, "--n_threads_batch", cores, "--n_ctx", "4096"]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_listening(port, process)
+        return process, port, " ".join(command[1:])
+    batch = ["--max-batch", "1"] if name == "duospec-batch1" else []
+    command = [sys.executable, "-m", "duospec", "serve", "--port", "0", "--max-queue", "64", *batch, *thread_flags]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    for line in process.stderr:
+        found = re.search(r"on http://127\.0\.0\.1:(\d+)/v1(.*)", line)
+        if found:
+            threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()  # keep draining its log
+            return process, int(found.group(1)), line.strip()
+    raise RuntimeError(f"{name} exited before listening ({process.wait()})")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_listening(port: int, process: subprocess.Popen, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode} before listening")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError("the server did not listen in time")
+
+
+MODEL_IDS: dict[int, str] = {}
+
+
+def model_id(port: int) -> str:
+    """The model id the server lists (GET /v1/models), asked once per server."""
+    if port not in MODEL_IDS:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.request("GET", "/v1/models")
+        MODEL_IDS[port] = json.loads(connection.getresponse().read())["data"][0]["id"]
+        connection.close()
+    return MODEL_IDS[port]
+
+
+def ask(port: int, prompt: str, max_tokens: int, **extra) -> dict:
+    """One chat request: its status, text, completion tokens and seconds."""
+    body = {"model": model_id(port), "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0, **extra}
+    started = time.perf_counter()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1800)
+    try:
+        connection.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        raw = response.read().decode()
+    finally:
+        connection.close()
+    seconds = time.perf_counter() - started
+    if response.status != 200:
+        return {"status": response.status, "text": raw[:200], "tokens": 0, "seconds": seconds}
+    answer = json.loads(raw)
+    return {"status": 200, "text": answer["choices"][0]["message"]["content"], "tokens": answer["usage"]["completion_tokens"], "seconds": seconds}
+
+
+def load_level(port: int, clients: int, args, reference: dict | None) -> dict:
+    """C clients at once, each sending its requests back to back."""
+    per_client = args.requests if clients <= 4 else 1
+
+    def client(number: int) -> list[dict]:
+        answers = []
+        for turn in range(per_client):
+            prompt = PROMPTS[(number * per_client + turn) % len(PROMPTS)]
+            answers.append({"prompt": prompt, **ask(port, prompt, args.max_tokens)})
+        return answers
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        outcomes = [answer for answers in pool.map(client, range(clients)) for answer in answers]
+    wall = time.perf_counter() - started
+    answered = [o for o in outcomes if o["status"] == 200]
+    seconds = sorted(o["seconds"] for o in answered)
+    row = {
+        "clients": clients, "requests": len(outcomes), "answered": len(answered), "refused_503": sum(o["status"] == 503 for o in outcomes),
+        "other": sum(o["status"] not in (200, 503) for o in outcomes), "tokens": sum(o["tokens"] for o in answered), "wall_seconds": round(wall, 2),
+        "tokens_per_second": round(sum(o["tokens"] for o in answered) / wall, 2),
+        "p50_seconds": round(statistics.median(seconds), 2) if seconds else None,
+        "p95_seconds": round(seconds[min(len(seconds) - 1, int(0.95 * len(seconds)))], 2) if seconds else None,
+    }
+    if reference is not None:
+        row["mismatches"] = [{"prompt": o["prompt"], "text": o["text"], "alone": reference[o["prompt"]]} for o in answered if o["text"] != reference[o["prompt"]]]
+    print(f"  {clients:>2} clients: {row['tokens_per_second']} tok/s, p50 {row['p50_seconds']} s, p95 {row['p95_seconds']} s", file=sys.stderr, flush=True)
+    return row
+
+
+def latency_checks(port: int) -> dict:
+    """A 4-token request's seconds: quiet (median of 3), then beside each disturbance (median of 2)."""
+    def four() -> float:
+        return ask(port, "Say hi.", 4)["seconds"]
+
+    quiet = statistics.median(four() for _ in range(3))
+    checks = {"quiet_seconds": round(quiet, 3)}
+    for name, disturb in (("long_prompt", lambda: ask(port, LONG_PROMPT, 4)), ("first_specexec", lambda: ask(port, PROMPTS[0], 48, method="specexec")), ("slow_clients_100", lambda: slow_clients(port))):
+        with ThreadPoolExecutor(1) as pool:
+            background = pool.submit(disturb)
+            time.sleep(1.5)
+            seconds = statistics.median(four() for _ in range(2))
+            background.result()
+        checks[f"{name}_seconds"] = round(seconds, 3)
+        checks[f"{name}_ratio"] = round(seconds / quiet, 2)
+        print(f"  4-token request beside {name}: {seconds:.2f} s ({seconds / quiet:.2f}x quiet)", file=sys.stderr, flush=True)
+    return checks
+
+
+def slow_clients(port: int, count: int = 100, seconds: float = 8.0) -> None:
+    """count connections that trickle a request head one byte at a time."""
+    sockets = []
+    for _ in range(count):
+        try:
+            sockets.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        except OSError:
+            break
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+    deadline = time.monotonic() + seconds
+    index = 0
+    while time.monotonic() < deadline:
+        for sock in sockets:
+            try:
+                sock.send(head[index % len(head) : index % len(head) + 1])
+            except OSError:
+                pass
+        index += 1
+        time.sleep(0.2)
+    for sock in sockets:
+        sock.close()
+
+
+def classify_mismatches(results: dict) -> None:
+    """Re-score each greedy difference on the target (bench/ties.py): a near-tie or a real difference.
+    The answers' token ids are re-encoded from their text (the server returns text)."""
+    mismatches = [m for entry in results["servers"].values() for row in entry.get("levels", []) for m in row.get("mismatches", [])]
+    if not mismatches:
+        return
+    import duospec
+    from duospec.bench.ties import divergence
+
+    pipe = duospec.load(progress=False)
+    for mismatch in mismatches:
+        prompt_ids = pipe.encode([{"role": "user", "content": mismatch["prompt"]}])
+        ids_a = pipe.tokenizer.encode(mismatch["alone"], add_special_tokens=False)
+        ids_b = pipe.tokenizer.encode(mismatch["text"], add_special_tokens=False)
+        found = divergence(pipe, prompt_ids, ids_a, ids_b)
+        mismatch.update(position=found.position, margin=found.margin, near_tie=found.is_near_tie)
+
+
+def report(results: dict) -> str:
+    lines = [f"# duospec serve under load: continuous batching\n\nMachine: {results['machine']}. Chat requests, greedy, {results['max_tokens']} new tokens each.\n"]
+    for name, entry in results["servers"].items():
+        if "skipped" in entry:
+            lines.append(f"- {name}: skipped ({entry['skipped']})")
+    lines.append("\n| clients | " + " | ".join(f"{name} tok/s | p50 s | p95 s" for name, entry in results["servers"].items() if "levels" in entry) + " |")
+    servers = [(name, entry) for name, entry in results["servers"].items() if "levels" in entry]
+    lines.append("|---|" + "---|---|---|" * len(servers))
+    for index, clients in enumerate(results["clients"]):
+        cells = [f"{e['levels'][index]['tokens_per_second']} | {e['levels'][index]['p50_seconds']} | {e['levels'][index]['p95_seconds']}" for _, e in servers]
+        lines.append(f"| {clients} | " + " | ".join(cells) + " |")
+    for name, entry in servers:
+        ended = [(row["clients"], row["answered"], row["refused_503"], row["other"], len(row.get("mismatches", [])), sum(not m.get("near_tie", False) for m in row.get("mismatches", []))) for row in entry["levels"]]
+        lines.append(f"\n{name}: " + "; ".join(f"{c} clients: {a} answered, {r} refused, {o} other, {m} differ from alone ({bad} not near-ties)" for c, a, r, o, m, bad in ended))
+        if "latency_checks" in entry:
+            lines.append(f"\n{name}, a 4-token request's latency: " + json.dumps(entry["latency_checks"]))
+        lines.append(f"\n{name} started as: `{entry['start_line']}`")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, entry in results["servers"].items():
+        if "levels" not in entry:
+            continue
+        counts = [row["clients"] for row in entry["levels"]]
+        left.plot(counts, [row["tokens_per_second"] for row in entry["levels"]], marker="o", label=name)
+        right.plot(counts, [row["p50_seconds"] for row in entry["levels"]], marker="o", label=name)
+    for axis, label in ((left, "total tokens/s"), (right, "p50 seconds per request")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrent clients")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    left.legend()
+    figure.suptitle(f"duospec serve, continuous batching ({results['machine']})", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
