@@ -32,12 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPTS = [
-    "Write a haiku about caches.", "What is 17 * 23?", "Name three sorting algorithms.", "Say hello in French.",
-    "Explain recursion in one sentence.", "List four prime numbers.", "What is a KV cache?", "Translate 'cat' into German.",
-    "Write a Python one-liner that reverses a string.", "What does HTTP stand for?", "Give a synonym for 'fast'.", "Why is the sky blue?",
-    "Name the planets closest to the sun.", "What is the capital of Japan?", "Describe a binary tree briefly.", "How many days are in a leap year?",
-]
+# Prompts whose answers run longer than --max-tokens, so every request generates the same number of tokens.
+TOPICS = ["caches", "compilers", "rivers", "trains", "chess", "bread", "satellites", "gardens", "libraries", "volcanoes", "bicycles", "owls", "bridges", "tea", "robots", "oceans"]
+PROMPTS = [f"Write a detailed essay of about 300 words about {topic}." for topic in TOPICS]
 LONG_PROMPT = "Summarise the following text in one sentence. " + " ".join(f"Item {i}: the cache stores keys and values for token {i}." for i in range(60))
 
 
@@ -194,7 +191,10 @@ def load_level(port: int, clients: int, args, reference: dict | None) -> dict:
 def latency_checks(port: int) -> dict:
     """A 4-token request's seconds: quiet (median of 3), then beside each disturbance (median of 2)."""
     def four() -> float:
-        return ask(port, "Say hi.", 4)["seconds"]
+        answer = ask(port, "Say hi.", 4)
+        if answer["status"] != 200:
+            raise RuntimeError(f"the 4-token request got {answer['status']}: {answer['text']}")
+        return answer["seconds"]
 
     quiet = statistics.median(four() for _ in range(3))
     checks = {"quiet_seconds": round(quiet, 3)}

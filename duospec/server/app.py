@@ -55,7 +55,7 @@ class ServerSettings:
     max_prompt_tokens: int | None = None  # None: the context minus one
     max_body_bytes: int = 2_000_000
     request_timeout: float = 30.0  # seconds for a request's head, and again for its body (408 beyond)
-    max_connections: int = 100  # open connections and requests in flight; more get 503 (uvicorn's limit_concurrency)
+    max_connections: int = 1024  # open connections and requests in flight; more get 503 (uvicorn's limit_concurrency)
     allow_special_tokens: bool = False  # True: control-token text in prompts is parsed as control tokens
 
 

@@ -43,7 +43,7 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:
     group.add_argument("--max-prompt-tokens", type=int, default=None, help="the longest prompt accepted, in tokens (default: the context minus one)")
     group.add_argument("--max-body-bytes", type=int, default=2_000_000, help="the largest request body accepted (default 2000000)")
     group.add_argument("--request-timeout", type=float, default=30.0, help="seconds a client has to send a request's head, and again its body; slower gets 408 and the connection closes (default 30)")
-    group.add_argument("--max-connections", type=int, default=100, help="open connections (and requests in flight) at once; a request beyond gets 503 (default 100)")
+    group.add_argument("--max-connections", type=int, default=1024, help="open connections (and requests in flight) at once; a request beyond gets 503 (default 1024)")
     group.add_argument("--allow-special-tokens", action="store_true", help="parse control-token text in prompts and message contents (<|im_end|>, ...) as control tokens, as before; by default it is plain text")
     group.add_argument("--verbose", action="store_true", help="print each request's budget choice (costs, method) too")
     add_model_arguments(serve)
