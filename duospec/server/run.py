@@ -37,7 +37,7 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:
     group.add_argument(
         "--max-batch", type=int, default=None,
         help="requests that generate at once, their passes joined (continuous batching, llama.cpp backend); each gets --ctx-size cells "
-        "(default: from the measured cost curve, the smallest batch within 90%% of the best tokens/s up to 16; 1 on transformers or with --method duo)",
+        "(default: chosen from the measured cost curve, the smallest batch within 90%% of the best tokens/s up to 16; 1 on transformers or with --method duo)",
     )
     group.add_argument("--max-tokens", type=int, default=4096, help="the most tokens a request may ask for; also the default, within the context (default 4096)")
     group.add_argument("--max-prompt-tokens", type=int, default=None, help="the longest prompt accepted, in tokens (default: the context minus one)")
