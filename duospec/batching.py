@@ -72,10 +72,11 @@ def open_lanes(pipe: Pipeline, count: int, on_pass: Callable[[PassRecord], None]
     # The prompt chunks need the measured curve; a pipeline that never measured it (tests) is not made to.
     curve = pipe.costs.target_costs
     joint = JointPasses(run_passes, target_passes_only, prefill_chunk(CostProfile(curve)) if curve else None)
-    targets = split_lanes(pipe.target, count)
+    # Lanes share prefixes only where the pipeline keeps them at all (--no-prefix-cache: every request cold).
+    targets = split_lanes(pipe.target, count, share_prefixes=pipe.prefix_cache)
     drafts: list = [None] * count
     if pipe.has_draft and pipe.draft_backend == "llama.cpp":
-        drafts = split_lanes(pipe.draft, count)
+        drafts = split_lanes(pipe.draft, count, share_prefixes=pipe.prefix_cache)
     lanes = []
     for target, draft in zip(targets, drafts):
         for model in (target, draft):

@@ -239,3 +239,34 @@ def test_the_law_check_sees_a_lossy_acceptance_under_batching(tmp_path):
 
     counts, law = sampled_pair_counts(tmp_path, lenience=0.3, unrelated_draft=True)
     assert goodness_of_fit(counts, law, require_support=False) < 1e-4
+
+
+def test_a_lane_shares_the_prefix_another_lane_holds(gguf_files, solo_answers):
+    """A request on a cold lane takes the prefix another lane's cache holds (the same cells, tagged
+    with its sequence id), computes only the rest, and answers as alone; the donor lane's next
+    answer is untouched."""
+    pipe = pipeline(gguf_files, SETTINGS)
+    lanes, joint = open_lanes(pipe, 2)
+    prompt = PROMPTS[2]
+    with joint.member():
+        first = lanes[0].generate(prompt, method="ar", max_new_tokens=24)
+    with joint.member():
+        second = lanes[1].generate(prompt, method="pld", gamma=4, max_new_tokens=24)
+    assert first.token_ids == solo_answers[(prompt, "ar")] and second.token_ids == solo_answers[(prompt, "pld")]
+    assert first.stats.reused_prompt_tokens == 0
+    assert second.stats.reused_prompt_tokens == len(pipe.encode(prompt)) - 1  # all but the last prompt token
+    with joint.member():
+        again = lanes[0].generate(PROMPTS[3], method="ar", max_new_tokens=24)
+    assert again.token_ids == solo_answers[(PROMPTS[3], "ar")]
+
+
+def test_without_the_prefix_cache_no_lane_takes_another_lanes_prefix(gguf_files):
+    """--no-prefix-cache promises every request a cold start: no prefix is shared across lanes either."""
+    pipe = pipeline(gguf_files, SETTINGS)
+    pipe.prefix_cache = False
+    lanes, joint = open_lanes(pipe, 2)
+    with joint.member():
+        lanes[0].generate(PROMPTS[2], method="ar", max_new_tokens=8)
+    with joint.member():
+        second = lanes[1].generate(PROMPTS[2], method="ar", max_new_tokens=8)
+    assert second.stats.reused_prompt_tokens == 0

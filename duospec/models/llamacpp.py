@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from duospec.config import DuospecError
+from duospec.models import prefix
 from duospec.models.amx_probe import repack_allowed
 from duospec.models.base import reduce_blocks, usable_cores
 
@@ -152,6 +153,7 @@ class LlamaCppModel:
         self._home, self._leaf_ids = 0, settings.sequences - 1
         self._engine = self  # the model whose llama.cpp context this Model's passes run in
         self._lanes_open = False
+        self._siblings: list[LlamaCppModel] = []  # the other lanes of this cache (split_lanes), whose prefixes it may share
         self.joiner = None  # models/joint.py's JointPasses, for a lane whose passes join other lanes'
         self.last_batch: tuple[int, int] = (0, 0)  # tokens and lanes beside this lane's last forward (joint passes)
 
@@ -260,6 +262,23 @@ class LlamaCppModel:
         else:
             self._tree = _OpenTree(self, start, chain=n_new)  # a chain on the home id: keep crops
         return PreparedPass(self, token_ids, position_ids, sequences, start, last_only, reduce)
+
+    def adopt_prefix(self, tokens, own: int) -> int:
+        """Where another lane of this cache holds a longer prefix of `tokens` than this lane's `own`,
+        share its cells (llama.cpp's seq_cp tags the same cells with this lane's id: no copy, no pass)
+        and hold that prefix instead; returns its length, or 0 when no lane holds more. A lane that is
+        mid-round holds no record (every forward drops it), so only committed cells are shared."""
+        best, donor = own, None
+        for lane in self._siblings:
+            length = prefix.reusable(lane, tokens) if lane is not self else 0
+            if length > best:
+                best, donor = length, lane
+        if donor is None:
+            return 0
+        self.reset()
+        self._lib.llama_memory_seq_cp(self._memory, donor._home, self._home, 0, best)
+        self._cache_len = best
+        return best
 
     def finish_forward(self, prepared: "PreparedPass") -> torch.Tensor:
         """The logits (or reduced rows) of a pass `run_passes` ran; the cache now holds its tokens."""
@@ -373,11 +392,11 @@ def _open_context(model: LlamaCppModel) -> None:
     model._seq_rows = [np.ctypeslib.as_array(model._batch.seq_id[i], shape=(settings.sequences,)) for i in range(model._batch_size)]
 
 
-def split_lanes(model: LlamaCppModel, count: int) -> list[LlamaCppModel]:
+def split_lanes(model: LlamaCppModel, count: int, share_prefixes: bool = True) -> list[LlamaCppModel]:
     """Split `model`'s cache into `count` lanes, each a Model of its own with `max_context` cells and
     an equal block of sequence ids. The context is created anew with `count` times the cells (the
     weights stay loaded, so measured pass costs stay valid). The model itself runs no pass afterwards
-    (its ids are the lanes' now)."""
+    (its ids are the lanes' now). share_prefixes: a lane may take a prefix another lane holds."""
     if not 1 <= count <= model.settings.sequences // 2:
         raise DuospecError(f"{model.name}: at most {model.settings.sequences // 2} lanes (two sequence ids each), got {count}")
     if count != model.settings.lanes:
@@ -395,6 +414,8 @@ def split_lanes(model: LlamaCppModel, count: int) -> list[LlamaCppModel]:
         lane._home, lane._leaf_ids = index * block, block - 1
         lane._cache_len, lane._tree, lane.held_prefix = 0, None, None
         lanes.append(lane)
+    for lane in lanes:
+        lane._siblings = lanes if share_prefixes else []  # adopt_prefix looks among these
     model._lanes_open = True
     return lanes
 

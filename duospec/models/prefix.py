@@ -82,8 +82,15 @@ def reuse(model, tokens: Sequence[int]) -> int:
 
     Without a reusable prefix the cache is reset (not cropped to 0: after an interrupted pass a
     backend's layers may hold more than its count says, and only a reset is sure to clear them).
+    A model that shares a cache with others (a llama.cpp lane: `adopt_prefix`) takes a longer prefix
+    another one holds, by reference, before it would compute it again.
     """
     length = reusable(model, tokens)
+    adopt = getattr(model, "adopt_prefix", None)
+    if adopt is not None:
+        adopted = adopt(tokens, length)
+        if adopted > length:
+            return adopted
     if length == 0:
         model.reset()
     else:
