@@ -4,8 +4,9 @@ and llama-cpp-python's own server (`python -m llama_cpp.server`, same GGUF, same
     python scripts/server_batching.py --out docs/bench/server/batching
     python scripts/server_batching.py --clients 1,2,4 --max-tokens 16 --servers duospec,duospec-batch1
 
-Each server starts in turn on loopback. For each client count C, C clients each send their requests
-back to back (chat, greedy, --max-tokens), all starting together; every request has a prompt of its
+All servers start first (on loopback; an idle one costs no CPU). For each client count C, in turn on
+every server before the next count (so a machine whose speed drifts shifts all alike), C clients each
+send their requests back to back (chat, greedy, --max-tokens), all starting together; every request has a prompt of its
 own (the same ones for every server), so no server answers from a cache of an earlier answer, and
 duospec drafts from each request's own text only (--suffix-scope request). The report gives the total
 generated tokens per second over the wall time, p50/p95 seconds per request, and how each request
@@ -66,19 +67,25 @@ def main() -> int:
         return 0
     clients = [int(c) for c in args.clients.split(",")]
     results: dict = {"machine": machine(), "max_tokens": args.max_tokens, "clients": clients, "servers": {}}
-    for name in args.servers.split(","):
-        server = start_server(name, args.threads)
-        if server is None:
-            results["servers"][name] = {"skipped": "llama-cpp-python's server extra is not installed (pip install 'llama-cpp-python[server]')"}
-            continue
-        process, port, line = server
-        try:
-            rows = [load_level(port, count, args) for count in clients]
-            entry = {"start_line": line, "levels": rows}
-            if name == "duospec":
-                entry["latency_checks"] = latency_checks(port)
-            results["servers"][name] = entry
-        finally:
+    servers = {}
+    try:
+        for name in args.servers.split(","):  # all up at once (idle ones cost no CPU), so the levels interleave
+            started = start_server(name, args.threads)
+            if started is None:
+                results["servers"][name] = {"skipped": "llama-cpp-python's server extra is not installed (pip install 'llama-cpp-python[server]')"}
+                continue
+            servers[name] = started
+            results["servers"][name] = {"start_line": started[2], "levels": []}
+        # Each client count runs on every server in turn before the next count: a machine whose speed
+        # drifts over the run (a shared VM) then shifts all servers alike, not the last one alone.
+        for count in clients:
+            for name, (_, port, _) in servers.items():
+                print(f"{name}:", file=sys.stderr, end="", flush=True)
+                results["servers"][name]["levels"].append(load_level(port, count, args))
+        if "duospec" in servers:
+            results["servers"]["duospec"]["latency_checks"] = latency_checks(servers["duospec"][1])
+    finally:
+        for process, _, _ in servers.values():
             process.terminate()
             process.wait(60)
     compare_with_one_at_a_time(results)
