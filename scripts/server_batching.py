@@ -13,7 +13,7 @@ generated tokens per second over the wall time, p50/p95 seconds per request, and
 ended (200, 503, other). The batching server's answers are compared with the same prompts answered
 one at a time (the --max-batch 1 server's); a difference is re-scored on the target
 (duospec/bench/ties.py) and classified as a near-tie or not. Then, on the batching server, a 4-token request's latency: quiet,
-beside a long prompt's prefill, beside a first specexec request, beside 100 slow clients. Writes
+beside a nearly full-context prompt's prefill (about 3,800 tokens), beside a first specexec request, beside 100 slow clients. Writes
 results.json, report.md and throughput.png to --out. Needs the `server` extra of llama-cpp-python for
 its row (sse-starlette, starlette-context, pydantic-settings); without it that row is skipped, saying so.
 """
@@ -47,7 +47,8 @@ def prompt_for(clients: int, client: int, turn: int) -> str:
 
 
 PROMPTS = [prompt_for(0, 0, turn) for turn in range(2)]  # the latency checks' disturbances
-LONG_PROMPT = "Summarise the following text in one sentence. " + " ".join(f"Item {i}: the cache stores keys and values for token {i}." for i in range(60))
+# about 3,800 tokens with the chat template: nearly the whole 4096-token context of a request
+LONG_PROMPT = "Summarise the following text in one sentence. " + " ".join(f"Item {i}: the cache stores keys and values for token {i}." for i in range(210))
 
 
 def main() -> int:

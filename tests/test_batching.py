@@ -120,6 +120,60 @@ def test_a_long_prompt_beside_decoding_requests_is_cut_into_chunks(gguf_files, s
     assert sum(record.prompt_lanes for record in passes) > len(jobs)  # some prompt took more than one pass
 
 
+def test_a_request_that_joins_stops_a_lone_prompt_chunk_and_both_answers_stay_exact(gguf_files, solo_answers):
+    """A lone prompt prefills in wide chunks; a request that joins stops the chunk in flight (it does
+    not wait for it), the stopped chunk leaves nothing in the cache and runs again narrower, and both
+    answers are those of the requests alone."""
+    from duospec.models.joint import PassPreempted
+
+    pipe = pipeline(gguf_files, SETTINGS)
+    lanes, joint = open_lanes(pipe, 2)
+    joint.prefill_chunk = lambda others: 4 if others == 0 else 1  # a lone prompt: 4 tokens a pass; beside another: 1
+    long_prompt, short_prompt = PROMPTS[2], PROMPTS[3]
+    answers, runs = {}, []
+
+    def answer(lane, prompt, method, options):
+        with joint.member():
+            answers[(prompt, method)] = lane.generate(prompt, method=method, max_new_tokens=24, **options).token_ids
+
+    newcomer = threading.Thread(target=answer, args=(lanes[1], short_prompt, "ar", {}))
+    real_run = joint.run_together
+
+    def run_together(passes):
+        if all(p.preemptible for p in passes) and not newcomer.is_alive() and not runs:
+            newcomer.start()  # joins while this lone chunk is in flight
+            while joint.members < 2:
+                threading.Event().wait(0.001)
+        try:
+            real_run(passes)
+            runs.append(("ran", [len(p.token_ids) for p in passes]))
+        except PassPreempted:
+            runs.append(("stopped", [len(p.token_ids) for p in passes]))
+            raise
+
+    joint.run_together = run_together
+    answer(lanes[0], long_prompt, "pld", {"gamma": 4})
+    newcomer.join(60)
+    assert runs[0] == ("stopped", [4])  # the lone chunk stopped for the newcomer
+    assert ("ran", [1, 1]) in runs or ("ran", [1]) in runs  # the long prompt went on one token a pass beside it
+    assert answers[(long_prompt, "pld")] == solo_answers[(long_prompt, "pld")]
+    assert answers[(short_prompt, "ar")] == solo_answers[(short_prompt, "ar")]
+
+
+def test_a_stopped_pass_leaves_the_cache_as_it_was(gguf_files):
+    from duospec.models.joint import PassPreempted
+
+    model = LlamaCppModel(gguf_files["target"], SETTINGS)
+    model.forward(torch.tensor([5, 6, 7]))
+    model.interrupt()
+    with pytest.raises(PassPreempted):
+        model.forward(torch.tensor([8, 9, 10, 11]))
+    model.clear_interrupt()
+    after = model.forward(torch.tensor([8, 9, 10, 11]))
+    fresh = LlamaCppModel(gguf_files["target"], SETTINGS).forward(torch.tensor([5, 6, 7, 8, 9, 10, 11]))
+    torch.testing.assert_close(after, fresh[3:], rtol=1e-4, atol=1e-4)
+
+
 def test_the_prefill_chunk_follows_the_curve():
     from duospec.budget.batch import prefill_chunk
 

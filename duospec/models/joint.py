@@ -8,9 +8,11 @@ goes on with its own logits. So a round serves every active request, requests jo
 passes, and no request waits for another's whole answer.
 
 A prompt's pass is cut into chunks (budget/batch.py's prefill_chunk, read through `prompt_chunk`):
-beside decoding threads, chunks the cost curve prices at most PREFILL_SLOWDOWN times their own pass,
-so a long prompt delays their tokens by a bounded factor instead of by its whole prefill; with none
-decoding, chunks of the width that already prefills at full speed, so a newcomer joins within one.
+beside other requests, chunks the cost curve prices at most PREFILL_SLOWDOWN times their own pass,
+so a long prompt delays their tokens by a bounded factor instead of by its whole prefill; a prompt
+tail no longer than one lone chunk goes in whole (a short request is not made to crawl beside a long
+one). Alone, chunks of the width that already prefills at full speed; a request that joins meanwhile
+stops the chunk in flight (`interrupt`: nothing of it stays in the cache), so it never waits for one.
 
 Only one member thread runs Python at a time: it holds the baton from the moment it joins until it
 waits on a forward or leaves. The rounds of different requests then never interleave inside shared
@@ -33,12 +35,18 @@ from typing import Protocol
 import torch
 
 
+class PassPreempted(Exception):
+    """A prompt chunk stopped because a request joined; nothing of it stays in the cache, and the
+    lane's forward runs it again (priced for the batch that now includes the newcomer)."""
+
+
 class JointPass(Protocol):
     """A backend's prepared forward (llama.cpp: models/llamacpp.py's PreparedPass)."""
 
-    model: object  # the lane: prepare_forward, finish_forward, abandon_forward, last_batch
+    model: object  # the lane: prepare_forward, finish_forward, abandon_forward, interrupt, last_batch
     token_ids: object  # its tokens (len() is the pass's size)
     last_only: bool  # a prompt's pass (logits of its last token only)
+    preemptible: bool  # a prompt chunk its forward runs again when stopped (PassPreempted)
 
     @property
     def joint_key(self) -> object:
@@ -75,15 +83,15 @@ class JointPasses:
 
     run_together: Callable[[list], None]
     on_pass: Callable[[PassRecord], None] | None = None
-    # Prompt tokens a pass may take beside n threads that are decoding (budget/batch.py's prefill_chunk;
-    # n = 0: the width that prefills at full speed), so a long prompt neither holds up their next tokens
-    # nor keeps a newcomer out for its whole prefill; None: a prompt takes one pass.
+    # Prompt tokens a pass may take beside n other requests (budget/batch.py's prefill_chunk; n = 0:
+    # the width that prefills at full speed), so a long prompt neither holds up their next tokens nor
+    # keeps a newcomer out for its whole prefill; None: a prompt takes one pass.
     prefill_chunk: Callable[[int], int] | None = None
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _baton_held: bool = False
     _members: int = 0
     _pending: list[_Call] = field(default_factory=list)
-    _decoding: set[int] = field(default_factory=set)  # member threads past their prompt (thread idents)
+    _running_prompts: list[JointPass] = field(default_factory=list)  # a run of prompt chunks alone, in flight
 
     @property
     def members(self) -> int:
@@ -97,31 +105,33 @@ class JointPasses:
         moment it joins, so the next pass waits for its first forward (that is how it joins a batch)."""
         with self._cond:
             self._members += 1
+            for prepared in self._running_prompts:  # prompt chunks alone: stop them, this one joins now
+                prepared.model.interrupt()
             self._take_baton()
         try:
             yield
         finally:
             with self._cond:
                 self._members -= 1
-                self._decoding.discard(threading.get_ident())
                 if self._pending and len(self._pending) == self._members:
                     self._run_pending()
                 self._give_baton()
 
-    def prompt_chunk(self) -> int | None:
-        """How many prompt tokens the calling thread's next pass may take (None: all of them, where no
-        chunk rule is set), priced by the threads decoding beside it."""
+    def prompt_chunk(self, remaining: int) -> int:
+        """How many of its `remaining` prompt tokens the calling thread's next pass may take, priced
+        by the other requests beside it; a tail no longer than one lone chunk goes in whole."""
         if self.prefill_chunk is None:
-            return None
-        return self.prefill_chunk(len(self._decoding - {threading.get_ident()}))
+            return remaining
+        alone = self.prefill_chunk(0)
+        if remaining <= alone:
+            return remaining
+        return min(remaining, self.prefill_chunk(self._members - 1))
 
     def forward(self, prepared: JointPass) -> torch.Tensor:
         """Called by a lane's forward in a member thread: wait for (or run) the joint pass holding
         this one, then return its logits."""
         call = _Call(prepared)
         with self._cond:
-            if not prepared.last_only:
-                self._decoding.add(threading.get_ident())
             self._pending.append(call)
             if len(self._pending) >= self._members:
                 self._run_pending()
@@ -150,12 +160,17 @@ class JointPasses:
         groups: dict[object, list[_Call]] = {}
         for call in calls:
             groups.setdefault(call.prepared.joint_key, []).append(call)
+        if all(call.prepared.preemptible for call in calls):  # nobody decodes: a joining request may stop it
+            self._running_prompts = [call.prepared for call in calls]
         self._cond.release()
         try:
             for group in groups.values():
                 self._run_group(group)
         finally:
             self._cond.acquire()
+            for prepared in self._running_prompts:
+                prepared.model.clear_interrupt()
+            self._running_prompts = []
             for call in calls:
                 call.done = True
             self._cond.notify_all()
@@ -166,7 +181,7 @@ class JointPasses:
         start = time.perf_counter()
         try:
             self.run_together(passes)
-        except BaseException as error:  # every pass of the group failed: each lane drops what it wrote
+        except BaseException as error:  # every pass of the group failed or stopped: each lane drops what it wrote
             for call in group:
                 call.error = error
                 call.prepared.model.abandon_forward(call.prepared)

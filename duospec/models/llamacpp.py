@@ -43,6 +43,7 @@ from duospec.config import DuospecError
 from duospec.models import prefix
 from duospec.models.amx_probe import repack_allowed
 from duospec.models.base import reduce_blocks, usable_cores
+from duospec.models.joint import PassPreempted
 
 INSTALL_HINT = (
     "the llama.cpp backend needs llama-cpp-python; install it with "
@@ -218,10 +219,8 @@ class LlamaCppModel:
         """Score `tokens` after the cache in one decode per n_batch tokens (with other lanes' pending
         passes when this lane has a joiner); see the module docstring."""
         if self.joiner is not None:
-            if last_only and positions is None and tree_mask is None and not extend_tree:  # a prompt's pass
-                while (chunk := self.joiner.prompt_chunk()) is not None and len(tokens) > chunk:
-                    self.joiner.forward(self.prepare_forward(tokens[:chunk], None, None, True, False, None))
-                    tokens = tokens[chunk:]
+            if last_only and positions is None and tree_mask is None and not extend_tree:
+                return self._prompt_in_chunks(tokens, reduce)
             return self.joiner.forward(self.prepare_forward(tokens, positions, tree_mask, last_only, extend_tree, reduce))
         prepared = self.prepare_forward(tokens, positions, tree_mask, last_only, extend_tree, reduce)
         try:
@@ -230,6 +229,29 @@ class LlamaCppModel:
             self.abandon_forward(prepared)
             raise
         return self.finish_forward(prepared)
+
+    def _prompt_in_chunks(self, tokens: torch.Tensor, reduce) -> torch.Tensor:
+        """A prompt's pass as the joiner cuts it (models/joint.py's prompt_chunk); a chunk that a
+        joining request stopped left nothing in the cache and runs again, priced anew."""
+        while True:
+            piece = tokens[: self.joiner.prompt_chunk(len(tokens))]
+            last = len(piece) == len(tokens)
+            prepared = self.prepare_forward(piece, None, None, True, False, reduce if last else None)
+            prepared.preemptible = True
+            try:
+                logits = self.joiner.forward(prepared)
+            except PassPreempted:
+                continue
+            if last:
+                return logits
+            tokens = tokens[len(piece) :]
+
+    def interrupt(self) -> None:
+        """Stop the decode running in this model's context (it raises PassPreempted)."""
+        self._engine._stop_flag[0] = b"\1"
+
+    def clear_interrupt(self) -> None:
+        self._engine._stop_flag[0] = b"\0"
 
     def prepare_forward(self, tokens, positions, tree_mask, last_only: bool, extend_tree: bool, reduce) -> "PreparedPass":
         """Everything of a forward but the decode: checks, positions, the tree's sequence ids."""
@@ -380,6 +402,7 @@ def _open_context(model: LlamaCppModel) -> None:
         model._model = None
         raise DuospecError(f"llama.cpp could not create a context for {model.path} ({context_params.n_ctx} cells); try a smaller --ctx-size or --max-batch")
     model._memory = llama_cpp.llama_get_memory(model._ctx)
+    _install_stop_flag(model)
     model.max_context = int(llama_cpp.llama_n_ctx(model._ctx)) // settings.lanes  # cells one lane (or the model alone) may use
     model.threads = threads
     model._batch_size = int(llama_cpp.llama_n_batch(model._ctx))
@@ -390,6 +413,26 @@ def _open_context(model: LlamaCppModel) -> None:
     model._batch_n_seq = np.ctypeslib.as_array(model._batch.n_seq_id, shape=(model._batch_size,))
     model._batch_logits = np.ctypeslib.as_array(model._batch.logits, shape=(model._batch_size,))
     model._seq_rows = [np.ctypeslib.as_array(model._batch.seq_id[i], shape=(settings.sequences,)) for i in range(model._batch_size)]
+
+
+def _install_stop_flag(model: LlamaCppModel) -> None:
+    """Give the context a stop flag: llama.cpp calls its abort callback at every graph node, and the
+    callback is libc's strlen over a two-byte buffer (b"\\0": go on, b"\\1": stop), so checking it
+    takes no Python and no GIL (a Python callback would take the GIL hundreds of times per pass).
+    models/joint.py raises it to stop a lone prompt chunk when a request joins (`interrupt`)."""
+    model._stop_flag = ctypes.create_string_buffer(2)
+    model._stop_callback = _flag_reader(model._lib)
+    model._lib.llama_set_abort_callback(model._ctx, model._stop_callback, ctypes.cast(model._stop_flag, ctypes.c_void_p))
+
+
+def _flag_reader(llama_cpp):
+    """A ggml_abort_callback returning whether the byte its data points to is set: libc's strlen on
+    a one-byte string (0 or 1, so its low byte is the bool ggml reads), or a Python function where
+    no libc is found (Windows)."""
+    try:
+        return ctypes.cast(ctypes.CDLL(None).strlen, llama_cpp.ggml_abort_callback)
+    except (OSError, AttributeError, TypeError):
+        return llama_cpp.ggml_abort_callback(lambda data: ctypes.cast(data, ctypes.POINTER(ctypes.c_char))[0] != b"\0")
 
 
 def split_lanes(model: LlamaCppModel, count: int, share_prefixes: bool = True) -> list[LlamaCppModel]:
@@ -432,6 +475,8 @@ def _decode(engine: LlamaCppModel, token_ids: np.ndarray, position_ids: np.ndarr
         engine._seq_rows[i][: len(row)] = row
     engine._batch_logits[:n] = wants
     status = engine._lib.llama_decode(engine._ctx, engine._batch)
+    if status == 2 and engine._stop_flag.raw[0]:  # llama.cpp dropped the cells of the stopped decode
+        raise PassPreempted(f"{engine.name}: a prompt chunk stopped for a request that joined")
     if status != 0:
         raise DuospecError(
             f"{engine.name}: llama_decode failed (code {status}: "
@@ -456,6 +501,7 @@ class PreparedPass:
     last_only: bool
     reduce: Callable[[torch.Tensor], torch.Tensor] | None
     outputs: list[torch.Tensor] = field(default_factory=list)  # logits (or reduced) rows, per decode
+    preemptible: bool = False  # a prompt's chunk its forward runs again if a joining request stops it
 
     @property
     def joint_key(self) -> int:
