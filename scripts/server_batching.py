@@ -85,6 +85,7 @@ def main() -> int:
                 results["servers"][name]["levels"].append(load_level(port, count, args))
         if "duospec" in servers:
             results["servers"]["duospec"]["latency_checks"] = latency_checks(servers["duospec"][1])
+            results["curve"] = pass_curve(servers["duospec"][1])
     finally:
         for process, _, _ in servers.values():
             process.terminate()
@@ -93,6 +94,27 @@ def main() -> int:
     classify_mismatches(results)
     write(results, args.out)
     return 0
+
+
+def pass_curve(port: int) -> dict[int, float]:
+    """The measured target pass seconds by tokens the server budgets with (its /metrics)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("GET", "/metrics")
+    text = connection.getresponse().read().decode()
+    connection.close()
+    return {int(n): float(s) for n, s in re.findall(r'^duospec_target_pass_seconds\{tokens="(\d+)"\} (\S+)$', text, re.MULTILINE)}
+
+
+def curve_target(results: dict, clients: int = 8) -> dict | None:
+    """The issue's throughput target at `clients`: 80% of what the measured curve allows for that
+    batch, clients x t(1) / t(clients) times the one-client rate (of the same server)."""
+    curve = {int(n): s for n, s in results.get("curve", {}).items()}
+    levels = {row["clients"]: row for row in results["servers"].get("duospec", {}).get("levels", [])}
+    if 1 not in curve or clients not in curve or 1 not in levels or clients not in levels:
+        return None
+    allowed = clients * curve[1] / curve[clients] * levels[1]["tokens_per_second"]
+    measured = levels[clients]["tokens_per_second"]
+    return {"clients": clients, "allowed_tokens_per_second": round(allowed, 2), "measured": measured, "share_of_allowed": round(measured / allowed, 2), "target_share": 0.8}
 
 
 def write(results: dict, out: Path) -> None:
@@ -128,11 +150,13 @@ def start_server(name: str, threads: int | None) -> tuple[subprocess.Popen, int,
     batch = ["--max-batch", "1"] if name == "duospec-batch1" else []
     command = [sys.executable, "-m", "duospec", "serve", "--port", "0", "--max-queue", "64", "--suffix-scope", "request", *batch, *thread_flags]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    lines = []
     for line in process.stderr:
+        lines.append(line.strip())
         found = re.search(r"on http://127\.0\.0\.1:(\d+)/v1(.*)", line)
         if found:
             threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()  # keep draining its log
-            return process, int(found.group(1)), line.strip()
+            return process, int(found.group(1)), "\n".join(lines)  # its start-up lines: the backend, the costs, the batch
     raise RuntimeError(f"{name} exited before listening ({process.wait()})")
 
 
@@ -230,7 +254,10 @@ def latency_checks(port: int) -> dict:
             background = pool.submit(disturb)
             time.sleep(1.5)
             seconds = statistics.median(four() for _ in range(2))
-            background.result()
+            disturbance = background.result()
+        if disturbance is not None:  # a request: it must have been answered, or nothing was beside the 4-token one
+            checks[f"{name}_status"] = disturbance["status"]
+            checks[f"{name}_disturbance_seconds"] = round(disturbance["seconds"], 2)
         checks[f"{name}_seconds"] = round(seconds, 3)
         checks[f"{name}_ratio"] = round(seconds / quiet, 2)
         print(f"  4-token request beside {name}: {seconds:.2f} s ({seconds / quiet:.2f}x quiet)", file=sys.stderr, flush=True)
@@ -339,7 +366,12 @@ def report(results: dict) -> str:
             lines.append(f"\n{name}: a gap of {m['margin']:.3f} at new token {m['position']} (over the 0.25 tolerance) changes sign with the prompt's chunking, {m['gaps_by_chunking']}: a near-tie of llama.cpp's rounding")
         if "latency_checks" in entry:
             lines.append(f"\n{name}, a 4-token request's latency: " + json.dumps(entry["latency_checks"]))
-        lines.append(f"\n{name} started as: `{entry['start_line']}`")
+        lines.append(f"\n{name} started as:\n```text\n{entry['start_line']}\n```")
+    if results.get("curve"):
+        lines.append("\nTarget pass seconds by tokens per pass, as the batching server measured and budgets with: " + ", ".join(f"t({n}) {s:.3f}" for n, s in sorted((int(n), s) for n, s in results["curve"].items())))
+    target = curve_target(results)
+    if target:
+        lines.append(f"\nAt {target['clients']} clients the curve allows {target['allowed_tokens_per_second']} tok/s ({target['clients']} x t(1) / t({target['clients']}) times the one-client rate); measured {target['measured']}: {target['share_of_allowed']:.0%} of it (target 80%).")
     return "\n".join(lines) + "\n"
 
 

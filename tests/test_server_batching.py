@@ -84,6 +84,8 @@ def test_health_and_start_up_line_report_the_batch(server):
     assert status == 200 and health["max_batch"] == BATCH and health["running"] == 0
     assert re.search(rf"\(default method auto, batch {BATCH}, queue 16\)", server.log)
     assert metric(server, "duospec_max_batch") == BATCH
+    one, eight = metric(server, "duospec_target_pass_seconds", '{tokens="1"}'), metric(server, "duospec_target_pass_seconds", '{tokens="8"}')
+    assert 0 < one and 0 < eight  # the measured curve behind the budgets and the batch, seen from outside
 
 
 def test_concurrent_streams_equal_the_same_requests_alone(server, client):

@@ -68,7 +68,7 @@ class ServerState:
         # The generating thread uses the pipeline's tokenizer; handlers encode prompts with copies.
         self.encoder = PromptEncoder(pipeline.tokenizer, pipeline.target.vocab_size, allow_special_tokens=settings.allow_special_tokens)
         self.loop: asyncio.AbstractEventLoop | None = None  # set at start-up: signals hand work to it
-        self.metrics = ServerMetrics(lambda: self.scheduler.waiting, lambda: self.scheduler.running, settings.max_batch)
+        self.metrics = ServerMetrics(lambda: self.scheduler.waiting, lambda: self.scheduler.running, settings.max_batch, lambda: pipeline.costs.target_costs)
         lanes, joint = [pipeline], None
         if settings.max_batch > 1:  # the models' caches split into lanes whose passes join
             from duospec.batching import open_lanes

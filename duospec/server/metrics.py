@@ -9,6 +9,7 @@ from typing import Callable
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from duospec.stats import GenerationStats
@@ -29,7 +30,7 @@ class ServerMetrics:
     pass are kept here under a lock, since a Counter's value is not public API.
     """
 
-    def __init__(self, queue_depth: Callable[[], int], running: Callable[[], int], max_batch: int = 1) -> None:
+    def __init__(self, queue_depth: Callable[[], int], running: Callable[[], int], max_batch: int = 1, pass_curve: Callable[[], dict | None] = lambda: None) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, cpu seconds, open fds
         self.requests = Counter("duospec_requests", "HTTP requests answered, by endpoint and status code", ["endpoint", "status"], registry=self.registry)
@@ -50,6 +51,7 @@ class ServerMetrics:
         self.lane_passes = Counter("duospec_request_passes", "each request's share of the target passes, by what it held", ["speculation"], registry=self.registry)
         self.request_rate = Histogram("duospec_request_tokens_per_second", "each request's generated tokens per second, from its first token", registry=self.registry, buckets=_RATE_BUCKETS)
         Gauge("duospec_tokens_per_second", f"tokens per second of all requests together, over the requests finished in the last {RATE_WINDOW_SECONDS:.0f} s", registry=self.registry).set_function(self.total_rate)
+        self.registry.register(_PassCurve(pass_curve))
         self._lock = threading.Lock()
         self._tokens = 0
         self._passes = 0
@@ -97,3 +99,17 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _PassCurve:
+    """`duospec_target_pass_seconds{tokens}`: the measured cost curve the budgets and the default batch
+    rest on (once measured; read at each scrape), so what a batch may gain is seen from outside."""
+
+    def __init__(self, curve: Callable[[], dict | None]) -> None:
+        self._curve = curve
+
+    def collect(self):
+        family = GaugeMetricFamily("duospec_target_pass_seconds", "measured seconds of one target pass over n tokens (the cost curve)", labels=["tokens"])
+        for tokens, seconds in sorted((self._curve() or {}).items()):
+            family.add_metric([str(tokens)], float(seconds))
+        yield family
