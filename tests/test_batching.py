@@ -20,7 +20,7 @@ from tiny_models import EOS_ID, perturbed, tiny_model, tiny_tokenizer  # noqa: E
 
 from duospec.api import Pipeline  # noqa: E402
 from duospec.batching import check_batchable, default_max_batch, open_lanes  # noqa: E402
-from duospec.budget.batch import BatchPricedProfile  # noqa: E402
+from duospec.budget.batch import UNFAIR, BatchPricedProfile  # noqa: E402
 from duospec.budget.model import CostProfile  # noqa: E402
 from duospec.config import DuospecError  # noqa: E402
 from duospec.models.llamacpp import LlamaCppModel, LlamaCppSettings, split_lanes  # noqa: E402
@@ -220,6 +220,13 @@ def test_a_lane_refuses_duo_and_the_budget_knows_the_batch(gguf_files):
     batched = BatchPricedProfile(curve, lane=lanes[0].target)
     assert batched.target_pass(1) == pytest.approx(0.33 / 8)  # its share of the pass
     assert batched.target_pass(2) == pytest.approx(0.33 / 8 + (0.5 - 0.33) / 8)  # plus what one draft adds to the pass: t(9) - t(8)
+    lanes[0].target.last_batch = (1, 1)  # one short request beside: this lane may at most double its pass, t(1 + n) <= 2 t(1)
+    beside_one = BatchPricedProfile(curve, lane=lanes[0].target)
+    assert beside_one.target_pass(1) == pytest.approx(0.085 / 2)  # its next token: t(2) = 0.085 <= 0.1
+    assert beside_one.target_pass(2) == UNFAIR  # one draft more: t(3) = 0.1275 > 0.1, the neighbour would wait over 2x
+    flat = {1: 0.05, 4: 0.051, 16: 0.06, 64: 0.11}
+    assert BatchPricedProfile(flat, lane=lanes[0].target).target_pass(48) < 1  # t(49) <= 2 t(1) on a flat curve: drafts stay
+    assert BatchPricedProfile(curve, lane=lanes[1].target).target_pass(3) == CostProfile(curve).target_pass(3)  # alone: uncapped
 
 
 def test_the_default_batch_comes_from_the_curve():

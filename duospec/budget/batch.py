@@ -15,6 +15,12 @@ already fills the cheap part of the curve, t(b + n) - t(b + 1) grows and specula
 (what vLLM does at high load), and where passes stay flat (a GPU, an AMX CPU up to 16 tokens), drafts
 stay nearly free. E is taken as one token per other lane (each emits at least its next token).
 
+One rule keeps the batch fair to the requests beside a lane: whatever one request adds to a joint pass
+may at most double what the others' tokens cost (t(b + n) <= FAIR_SLOWDOWN * t(b), the rule prompt
+chunks follow too, see prefill_chunk), so a request drafting wide (a SpecExec tree) cannot make a
+short request's tokens arrive more than about twice as slowly as alone. Sizes past it are priced
+UNFAIR, so every policy passes them over; a lane alone is never capped.
+
 The batch beside a lane is read from its last joint pass (`last_batch`), so under batching a
 request's budgets, and with them its sampled draws, depend on what else runs; its tokens never do.
 """
@@ -27,7 +33,8 @@ from functools import lru_cache
 
 from duospec.budget.model import CostProfile
 
-PREFILL_SLOWDOWN = 2.0  # a prompt's chunk may make the others' pass cost at most this many times more
+FAIR_SLOWDOWN = 2.0  # one request's tokens (drafts, a prompt's chunk) may make the others' pass cost at most this many times more
+UNFAIR = 1e6  # seconds: the price of a pass size the fairness rule forbids (every budget passes it over)
 MAX_PREFILL_CHUNK = 4096
 NEAR_BEST = 0.9  # the efficient width: the smallest pass size within this share of the best tokens/s
 
@@ -43,6 +50,8 @@ class BatchPricedProfile(CostProfile):
         whole = super().target_pass
         if beside <= 0:
             return whole(n)
+        if n > 1 and whole(beside + n) > FAIR_SLOWDOWN * whole(beside):
+            return UNFAIR
         return whole(beside + 1) / (lanes + 1) + whole(beside + n) - whole(beside + 1)
 
 
@@ -57,8 +66,8 @@ def efficient_width(profile: CostProfile, cap: int) -> int:
 
 def prefill_chunk(profile: CostProfile) -> Callable[[int], int]:
     """For n requests decoding beside a prompt (about one token each), the most prompt tokens one
-    pass may take so that it costs at most PREFILL_SLOWDOWN times their own: the largest c with
-    t(n + c) <= PREFILL_SLOWDOWN * t(n) on the measured curve (at least 1). With none decoding, the
+    pass may take so that it costs at most FAIR_SLOWDOWN times their own: the largest c with
+    t(n + c) <= FAIR_SLOWDOWN * t(n) on the measured curve (at least 1). With none decoding, the
     efficient width (what prefills at nearly full speed: 16 tokens on a 2-core EPYC), so a request
     arriving meanwhile waits for one chunk, not for the whole prompt (models/joint.py)."""
     alone = efficient_width(profile, MAX_PREFILL_CHUNK)
@@ -67,7 +76,7 @@ def prefill_chunk(profile: CostProfile) -> Callable[[int], int]:
     def chunk(others: int) -> int:
         if others <= 0:
             return alone
-        limit = PREFILL_SLOWDOWN * profile.target_pass(others)
+        limit = FAIR_SLOWDOWN * profile.target_pass(others)
         size = 1
         while size < MAX_PREFILL_CHUNK and profile.target_pass(others + size + 1) <= limit:
             size += 1

@@ -8,7 +8,7 @@ goes on with its own logits. So a round serves every active request, requests jo
 passes, and no request waits for another's whole answer.
 
 A prompt's pass is cut into chunks (budget/batch.py's prefill_chunk, read through `prompt_chunk`):
-beside other requests, chunks the cost curve prices at most PREFILL_SLOWDOWN times their own pass,
+beside other requests, chunks the cost curve prices at most FAIR_SLOWDOWN times their own pass,
 so a long prompt delays their tokens by a bounded factor instead of by its whole prefill; a prompt
 tail no longer than one lone chunk goes in whole (a short request is not made to crawl beside a long
 one). Alone, chunks of the width that already prefills at full speed; a request that joins meanwhile
