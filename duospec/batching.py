@@ -82,6 +82,7 @@ def open_lanes(pipe: Pipeline, count: int, on_pass: Callable[[PassRecord], None]
         for model in (target, draft):
             if model is not None:
                 model.joiner = joint
+        target.fair_profile = CostProfile(curve) if curve else None  # what budget/batch.py's pass_limit caps drafts by
         lanes.append(_lane_pipeline(pipe, target, draft, joint))
     return lanes, joint
 

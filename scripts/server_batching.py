@@ -3,6 +3,7 @@ and llama-cpp-python's own server (`python -m llama_cpp.server`, same GGUF, same
 
     python scripts/server_batching.py --out docs/bench/server/batching
     python scripts/server_batching.py --clients 1,2,4 --max-tokens 16 --servers duospec,duospec-batch1
+    python scripts/server_batching.py --clients 1,4 --servers duospec-batch1,duospec,duospec-duo --out /tmp/duo
 
 All servers start first (on loopback; an idle one costs no CPU). For each client count C, in turn on
 every server before the next count (so a machine whose speed drifts shifts all alike), C clients each
@@ -57,7 +58,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2, help="requests per client at 1-4 clients (one each above: the run stays bounded)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="threads of every server (default: all cores)")
-    parser.add_argument("--servers", default="duospec-batch1,duospec,llama-cpp-server", help="the --max-batch 1 server answers first: its answers are the reference")
+    parser.add_argument("--servers", default="duospec-batch1,duospec,llama-cpp-server", help="duospec, duospec-batch1, duospec-duo (--method duo), llama-cpp-server; the --max-batch 1 server answers first: its answers are the reference")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench" / "server" / "batching")
     parser.add_argument("--reclassify", action="store_true", help="only re-score the mismatches of --out's results.json and rewrite its report")
     args = parser.parse_args()
@@ -147,7 +148,8 @@ def start_server(name: str, threads: int | None) -> tuple[subprocess.Popen, int,
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_listening(port, process)
         return process, port, " ".join(command[1:])
-    batch = ["--max-batch", "1"] if name == "duospec-batch1" else []
+    # duospec-duo: `--method duo`, which serves one request at a time (duo does not batch: docs/server.md)
+    batch = {"duospec-batch1": ["--max-batch", "1"], "duospec-duo": ["--method", "duo"]}.get(name, [])
     command = [sys.executable, "-m", "duospec", "serve", "--port", "0", "--max-queue", "64", "--suffix-scope", "request", *batch, *thread_flags]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=REPO)
     lines = []

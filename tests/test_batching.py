@@ -139,39 +139,81 @@ def test_a_request_that_joins_stops_a_lone_prompt_chunk_and_both_answers_stay_ex
     newcomer = threading.Thread(target=answer, args=(lanes[1], short_prompt, "ar", {}))
     real_run = joint.run_together
 
+    stop_flag = lanes[0].target._engine._stop_flag
+
     def run_together(passes):
         if all(p.preemptible for p in passes) and not newcomer.is_alive() and not runs:
             newcomer.start()  # joins while this lone chunk is in flight
-            while joint.members < 2:
-                threading.Event().wait(0.001)
+            deadline = threading.Event()
+            for _ in range(10_000):  # until its join has raised the stop flag (at most 10 s)
+                if stop_flag.raw[0]:
+                    break
+                deadline.wait(0.001)
+        sizes = {p.model.name.split("[")[-1].rstrip("]"): len(p.token_ids) for p in passes}
         try:
             real_run(passes)
-            runs.append(("ran", [len(p.token_ids) for p in passes]))
+            runs.append(("ran", sizes))
         except PassPreempted:
-            runs.append(("stopped", [len(p.token_ids) for p in passes]))
+            runs.append(("stopped", sizes))
             raise
 
     joint.run_together = run_together
     answer(lanes[0], long_prompt, "pld", {"gamma": 4})
     newcomer.join(60)
-    assert runs[0] == ("stopped", [4])  # the lone chunk stopped for the newcomer
-    assert ("ran", [1, 1]) in runs or ("ran", [1]) in runs  # the long prompt went on one token a pass beside it
+    assert not newcomer.is_alive()
+    assert runs[0] == ("stopped", {"lane 0": 4})  # the lone chunk stopped for the newcomer
+    assert runs[1][0] == "ran" and runs[1][1]["lane 0"] == 1 and "lane 1" in runs[1][1]  # then 1 token, beside the newcomer's prompt
+    assert not stop_flag.raw[0]  # cleared once the stopped run ended
     assert answers[(long_prompt, "pld")] == solo_answers[(long_prompt, "pld")]
     assert answers[(short_prompt, "ar")] == solo_answers[(short_prompt, "ar")]
 
 
-def test_a_stopped_pass_leaves_the_cache_as_it_was(gguf_files):
+@pytest.mark.parametrize("stop_after_decodes", [0, 1])
+def test_a_stopped_pass_leaves_the_cache_as_it_was(gguf_files, monkeypatch, stop_after_decodes):
+    """Stopped before its first llama_decode, or after the first of its two (n_batch 4, 5 tokens:
+    llama.cpp keeps the cells of a decode that finished; abandon_forward must drop them)."""
     from duospec.models.joint import PassPreempted
 
-    model = LlamaCppModel(gguf_files["target"], SETTINGS)
+    model = LlamaCppModel(gguf_files["target"], LlamaCppSettings(context=256, batch=4, sequences=4, threads=1))
     model.forward(torch.tensor([5, 6, 7]))
-    model.interrupt()
+    real_decode, decodes = model._lib.llama_decode, []
+
+    def decode_then_stop(ctx, batch):
+        if len(decodes) == stop_after_decodes:
+            model.interrupt()
+        decodes.append(1)
+        return real_decode(ctx, batch)
+
+    monkeypatch.setattr(model._lib, "llama_decode", decode_then_stop)
     with pytest.raises(PassPreempted):
-        model.forward(torch.tensor([8, 9, 10, 11]))
+        model.forward(torch.tensor([8, 9, 10, 11, 12]))
+    monkeypatch.setattr(model._lib, "llama_decode", real_decode)
+    assert len(decodes) == stop_after_decodes + 1 and model.cache_len == 3
     model.clear_interrupt()
-    after = model.forward(torch.tensor([8, 9, 10, 11]))
-    fresh = LlamaCppModel(gguf_files["target"], SETTINGS).forward(torch.tensor([5, 6, 7, 8, 9, 10, 11]))
+    after = model.forward(torch.tensor([8, 9, 10, 11, 12]))
+    fresh = LlamaCppModel(gguf_files["target"], SETTINGS).forward(torch.tensor([5, 6, 7, 8, 9, 10, 11, 12]))
     torch.testing.assert_close(after, fresh[3:], rtol=1e-4, atol=1e-4)
+
+
+def test_a_fixed_draft_budget_beside_others_stays_within_the_fair_pass(gguf_files, solo_answers):
+    """A client's fixed gamma (8) beside other requests is capped by the fairness rule: on a curve
+    where t(3) > 2 t(1), no lane adds a draft beside another, so every joint decoding pass holds one
+    token per lane; the answers stay those of the requests alone."""
+    from duospec.budget.batch import pass_limit
+
+    pipe = pipeline(gguf_files, SETTINGS)
+    passes = []
+    lanes, joint = open_lanes(pipe, 2, on_pass=passes.append)
+    steep = CostProfile({1: 0.05, 2: 0.09, 3: 0.14, 4: 0.19, 8: 0.4, 16: 0.8})
+    for lane in lanes:
+        lane.target.fair_profile = steep
+    lanes[0].target.last_batch = (1, 1)
+    assert pass_limit(lanes[0].target) == 1  # t(1 + 2) = 0.14 > 2 t(1)
+    jobs = [(PROMPTS[1], "sd", {"gamma": 8}), (PROMPTS[4], "pld", {"gamma": 4})]
+    answers = run_batched(lanes, joint, jobs)
+    assert all(answers[(prompt, method)] == solo_answers[(prompt, method)] for prompt, method, _ in jobs)
+    beside = [record for record in passes if record.lanes == 2 and record.prompt_lanes == 0]
+    assert beside and all(record.tokens == 2 for record in beside)  # next tokens only, side by side
 
 
 def test_the_prefill_chunk_follows_the_curve():

@@ -15,11 +15,16 @@ already fills the cheap part of the curve, t(b + n) - t(b + 1) grows and specula
 (what vLLM does at high load), and where passes stay flat (a GPU, an AMX CPU up to 16 tokens), drafts
 stay nearly free. E is taken as one token per other lane (each emits at least its next token).
 
-One rule keeps the batch fair to the requests beside a lane: whatever one request adds to a joint pass
-may at most double what the others' tokens cost (t(b + n) <= FAIR_SLOWDOWN * t(b), the rule prompt
-chunks follow too, see prefill_chunk), so a request drafting wide (a SpecExec tree) cannot make a
-short request's tokens arrive more than about twice as slowly as alone. Sizes past it are priced
-UNFAIR, so every policy passes them over; a lane alone is never capped.
+One rule keeps the batch fair to the requests beside a lane: the pass it joins, with everything it
+adds, may cost at most FAIR_SLOWDOWN times the pass of the other lanes' next tokens alone:
+t(b + n) <= FAIR_SLOWDOWN * t(L) for L other lanes holding b tokens (drafts, prompt chunks included).
+Measured against speculation-free passes, the rule holds for all drafting lanes together (the first
+to draft takes the room; a lane whose neighbours already fill it drafts nothing), so a request
+drafting wide (a SpecExec tree) cannot make a short request's tokens arrive more than about twice
+as slowly as beside plain decoding. Sizes past it are priced UNFAIR, so every policy passes them
+over, and the round loop caps even a client's fixed budget to it (`pass_limit`); a lane alone is
+never capped. Prompt chunks follow the same rule (prefill_chunk), except a prompt's last piece of at
+most one lone chunk (models/joint.py).
 
 The batch beside a lane is read from its last joint pass (`last_batch`), so under batching a
 request's budgets, and with them its sampled draws, depend on what else runs; its tokens never do.
@@ -50,9 +55,28 @@ class BatchPricedProfile(CostProfile):
         whole = super().target_pass
         if beside <= 0:
             return whole(n)
-        if n > 1 and whole(beside + n) > FAIR_SLOWDOWN * whole(beside):
+        if n > 1 and not _fair(whole, beside, lanes, n):
             return UNFAIR
         return whole(beside + 1) / (lanes + 1) + whole(beside + n) - whole(beside + 1)
+
+
+def _fair(pass_seconds: Callable[[int], float], beside: int, lanes: int, n: int) -> bool:
+    """Whether n tokens of a lane beside `lanes` others holding `beside` tokens keep the pass within
+    FAIR_SLOWDOWN times the others' speculation-free pass (the module's fairness rule)."""
+    return pass_seconds(beside + n) <= FAIR_SLOWDOWN * pass_seconds(max(1, lanes))
+
+
+def pass_limit(model) -> int | None:
+    """The most tokens `model` (a lane's target) may put in its next joint pass under the fairness
+    rule, at least 1; None for a model that is no lane or runs alone (nothing to be fair to)."""
+    beside, lanes = getattr(model, "last_batch", (0, 0))
+    profile = getattr(model, "fair_profile", None)
+    if beside <= 0 or profile is None:
+        return None
+    n = 1
+    while n < MAX_PREFILL_CHUNK and _fair(profile.target_pass, beside, lanes, n + 1):
+        n += 1
+    return n
 
 
 def efficient_width(profile: CostProfile, cap: int) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+from duospec.budget.batch import pass_limit
 from duospec.config import GenerationRequest
 from duospec.engines import steps
 from duospec.engines.in_process import InProcessSource
@@ -69,9 +70,14 @@ def generate_tokens(
             if ended:
                 stats.finish(ended)
                 return
-            # 1. draft (the source caps a tree's nodes by the cells the context has left: every node takes one)
+            # 1. draft (the source caps a tree's nodes by the cells the context has left: every node takes one;
+            # under batching, also by what the pass may hold to stay fair to the other requests)
             start = time.perf_counter()
-            tree = source.propose(progress.context, room, progress.max_context - len(progress.context) - 1)
+            cells = progress.max_context - len(progress.context) - 1
+            fair = pass_limit(target)
+            if fair is not None:
+                room, cells = min(room, fair - 1), min(cells, fair - 1)
+            tree = source.propose(progress.context, room, cells)
             tree = steps.root_only(progress.context, target.device) if tree is None else tree.to(target.device)
             draft_seconds = time.perf_counter() - start
             stats.draft_seconds += draft_seconds

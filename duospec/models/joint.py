@@ -12,7 +12,10 @@ beside other requests, chunks the cost curve prices at most FAIR_SLOWDOWN times 
 so a long prompt delays their tokens by a bounded factor instead of by its whole prefill; a prompt
 tail no longer than one lone chunk goes in whole (a short request is not made to crawl beside a long
 one). Alone, chunks of the width that already prefills at full speed; a request that joins meanwhile
-stops the chunk in flight (`interrupt`: nothing of it stays in the cache), so it never waits for one.
+stops the chunk in flight (`interrupt`: nothing of it stays in the cache), so it never waits for one
+(on llama.cpp's CPU backend, which checks the stop flag between graph nodes; a GPU backend finishes
+the chunk). Only chunks cut from a longer prompt can be stopped: a prompt's last piece would run again
+at the same width.
 
 Only one member thread runs Python at a time: it holds the baton from the moment it joins until it
 waits on a forward or leaves. The rounds of different requests then never interleave inside shared
@@ -119,7 +122,8 @@ class JointPasses:
 
     def prompt_chunk(self, remaining: int) -> int:
         """How many of its `remaining` prompt tokens the calling thread's next pass may take, priced
-        by the other requests beside it; a tail no longer than one lone chunk goes in whole."""
+        by the other requests beside it; a tail no longer than one lone chunk goes in whole (one pass
+        of at most that width beside them, rather than a short request crawling beside a long one)."""
         if self.prefill_chunk is None:
             return remaining
         alone = self.prefill_chunk(0)
@@ -132,6 +136,11 @@ class JointPasses:
         this one, then return its logits."""
         call = _Call(prepared)
         with self._cond:
+            if prepared.preemptible and len(prepared.token_ids) > self.prompt_chunk(1 << 30):
+                # A request joined between this chunk's pricing and now: it is too wide for the batch
+                # it would run in; priced again (nothing of it ran).
+                prepared.model.abandon_forward(prepared)
+                raise PassPreempted(f"{prepared.model.name}: a prompt chunk priced before a request joined")
             self._pending.append(call)
             if len(self._pending) >= self._members:
                 self._run_pending()

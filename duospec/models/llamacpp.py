@@ -237,7 +237,7 @@ class LlamaCppModel:
             piece = tokens[: self.joiner.prompt_chunk(len(tokens))]
             last = len(piece) == len(tokens)
             prepared = self.prepare_forward(piece, None, None, True, False, reduce if last else None)
-            prepared.preemptible = True
+            prepared.preemptible = not last  # a cut chunk; the last piece would run again at the same width
             try:
                 logits = self.joiner.forward(prepared)
             except PassPreempted:
@@ -426,13 +426,15 @@ def _install_stop_flag(model: LlamaCppModel) -> None:
 
 
 def _flag_reader(llama_cpp):
-    """A ggml_abort_callback returning whether the byte its data points to is set: libc's strlen on
-    a one-byte string (0 or 1, so its low byte is the bool ggml reads), or a Python function where
-    no libc is found (Windows)."""
-    try:
-        return ctypes.cast(ctypes.CDLL(None).strlen, llama_cpp.ggml_abort_callback)
-    except (OSError, AttributeError, TypeError):
-        return llama_cpp.ggml_abort_callback(lambda data: ctypes.cast(data, ctypes.POINTER(ctypes.c_char))[0] != b"\0")
+    """A ggml_abort_callback returning whether the byte its data points to is set: the C library's
+    strlen on a one-byte string (0 or 1, so its low byte is the bool ggml reads: libc on Linux and
+    macOS, msvcrt on Windows), or a Python function where neither is found."""
+    for library in (lambda: ctypes.CDLL(None), lambda: ctypes.cdll.msvcrt):
+        try:
+            return ctypes.cast(library().strlen, llama_cpp.ggml_abort_callback)
+        except (OSError, AttributeError, TypeError):
+            continue
+    return llama_cpp.ggml_abort_callback(lambda data: ctypes.cast(data, ctypes.POINTER(ctypes.c_char))[0] != b"\0")
 
 
 def split_lanes(model: LlamaCppModel, count: int, share_prefixes: bool = True) -> list[LlamaCppModel]:
