@@ -189,7 +189,7 @@ def test_a_stopped_pass_leaves_the_cache_as_it_was(gguf_files, monkeypatch, stop
         model.forward(torch.tensor([8, 9, 10, 11, 12]))
     monkeypatch.setattr(model._lib, "llama_decode", real_decode)
     assert len(decodes) == stop_after_decodes + 1 and model.cache_len == 3
-    model.clear_interrupt()
+    model.interrupt(False)
     after = model.forward(torch.tensor([8, 9, 10, 11, 12]))
     fresh = LlamaCppModel(gguf_files["target"], SETTINGS).forward(torch.tensor([5, 6, 7, 8, 9, 10, 11, 12]))
     torch.testing.assert_close(after, fresh[3:], rtol=1e-4, atol=1e-4)

@@ -178,7 +178,7 @@ class JointPasses:
         finally:
             self._cond.acquire()
             for prepared in self._running_prompts:
-                prepared.model.clear_interrupt()
+                prepared.model.interrupt(False)
             self._running_prompts = []
             for call in calls:
                 call.done = True

@@ -220,7 +220,7 @@ class LlamaCppModel:
         passes when this lane has a joiner); see the module docstring."""
         if self.joiner is not None:
             if last_only and positions is None and tree_mask is None and not extend_tree:
-                return self._prompt_in_chunks(tokens, reduce)
+                return _prompt_in_chunks(self, tokens, reduce)
             return self.joiner.forward(self.prepare_forward(tokens, positions, tree_mask, last_only, extend_tree, reduce))
         prepared = self.prepare_forward(tokens, positions, tree_mask, last_only, extend_tree, reduce)
         try:
@@ -230,28 +230,9 @@ class LlamaCppModel:
             raise
         return self.finish_forward(prepared)
 
-    def _prompt_in_chunks(self, tokens: torch.Tensor, reduce) -> torch.Tensor:
-        """A prompt's pass as the joiner cuts it (models/joint.py's prompt_chunk); a chunk that a
-        joining request stopped left nothing in the cache and runs again, priced anew."""
-        while True:
-            piece = tokens[: self.joiner.prompt_chunk(len(tokens))]
-            last = len(piece) == len(tokens)
-            prepared = self.prepare_forward(piece, None, None, True, False, reduce if last else None)
-            prepared.preemptible = not last  # a cut chunk; the last piece would run again at the same width
-            try:
-                logits = self.joiner.forward(prepared)
-            except PassPreempted:
-                continue
-            if last:
-                return logits
-            tokens = tokens[len(piece) :]
-
-    def interrupt(self) -> None:
-        """Stop the decode running in this model's context (it raises PassPreempted)."""
-        self._engine._stop_flag[0] = b"\1"
-
-    def clear_interrupt(self) -> None:
-        self._engine._stop_flag[0] = b"\0"
+    def interrupt(self, stop: bool = True) -> None:
+        """Raise (stop=False: lower) the stop flag of this model's context: a decode running in it raises PassPreempted."""
+        self._engine._stop_flag[0] = b"\1" if stop else b"\0"
 
     def prepare_forward(self, tokens, positions, tree_mask, last_only: bool, extend_tree: bool, reduce) -> "PreparedPass":
         """Everything of a forward but the decode: checks, positions, the tree's sequence ids."""
@@ -509,6 +490,23 @@ class PreparedPass:
     def joint_key(self) -> int:
         """Passes with the same key can share one llama_decode: those of one llama.cpp context."""
         return id(self.model._engine)
+
+
+def _prompt_in_chunks(lane: LlamaCppModel, tokens: torch.Tensor, reduce) -> torch.Tensor:
+    """A lane's prompt pass as its joiner cuts it (models/joint.py's prompt_chunk); a chunk that a
+    joining request stopped left nothing in the cache and runs again, priced anew."""
+    while True:
+        piece = tokens[: lane.joiner.prompt_chunk(len(tokens))]
+        last = len(piece) == len(tokens)
+        prepared = lane.prepare_forward(piece, None, None, True, False, reduce if last else None)
+        prepared.preemptible = not last  # a cut chunk; the last piece would run again at the same width
+        try:
+            logits = lane.joiner.forward(prepared)
+        except PassPreempted:
+            continue
+        if last:
+            return logits
+        tokens = tokens[len(piece) :]
 
 
 def run_passes(passes: list[PreparedPass]) -> None:
