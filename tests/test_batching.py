@@ -9,6 +9,7 @@ join and leave between passes; a lane's cache operations never touch another lan
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -207,8 +208,8 @@ def test_a_fixed_draft_budget_beside_others_stays_within_the_fair_pass(gguf_file
     steep = CostProfile({1: 0.05, 2: 0.09, 3: 0.14, 4: 0.19, 8: 0.4, 16: 0.8})
     for lane in lanes:
         lane.target.fair_profile = steep
-    lanes[0].target.last_batch = (1, 1)
-    assert pass_limit(lanes[0].target) == 1  # t(1 + 2) = 0.14 > 2 t(1)
+    assert pass_limit(SimpleNamespace(last_batch=(1, 1), fair_profile=steep)) == 1  # one beside: t(1 + 2) = 0.14 > 2 t(1)
+    assert pass_limit(SimpleNamespace(last_batch=(0, 0), fair_profile=steep)) is None  # alone: no cap
     jobs = [(PROMPTS[1], "sd", {"gamma": 8}), (PROMPTS[4], "pld", {"gamma": 4})]
     answers = run_batched(lanes, joint, jobs)
     assert all(answers[(prompt, method)] == solo_answers[(prompt, method)] for prompt, method, _ in jobs)

@@ -68,9 +68,15 @@ def _fair(pass_seconds: Callable[[int], float], beside: int, lanes: int, n: int)
 
 def pass_limit(model) -> int | None:
     """The most tokens `model` (a lane's target) may put in its next joint pass under the fairness
-    rule, at least 1; None for a model that is no lane or runs alone (nothing to be fair to)."""
+    rule, at least 1; None for a model that is no lane or runs alone (nothing to be fair to). The
+    others are the requests generating now (its joiner's members), holding at least one token each,
+    or what they held in its last pass where that was the same batch."""
     beside, lanes = getattr(model, "last_batch", (0, 0))
     profile = getattr(model, "fair_profile", None)
+    joiner = getattr(model, "joiner", None)
+    if joiner is not None:  # the batch it is about to join: every other member adds at least its next token
+        others = max(0, joiner.members - 1)
+        beside, lanes = (max(beside, others) if lanes == others else others), others
     if beside <= 0 or profile is None:
         return None
     n = 1
