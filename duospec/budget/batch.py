@@ -79,8 +79,15 @@ def pass_limit(model) -> int | None:
         beside, lanes = (max(beside, others) if lanes == others else others), others
     if beside <= 0 or profile is None:
         return None
+    return _fair_width(tuple(sorted(profile.target_pass_seconds.items())), beside, lanes)
+
+
+@lru_cache(maxsize=1024)
+def _fair_width(curve: tuple[tuple[int, float], ...], beside: int, lanes: int) -> int:
+    """The largest n >= 1 that `_fair` allows on this curve (cached: pass_limit asks every round)."""
+    pass_seconds = CostProfile(dict(curve)).target_pass
     n = 1
-    while n < MAX_PREFILL_CHUNK and _fair(profile.target_pass, beside, lanes, n + 1):
+    while n < MAX_PREFILL_CHUNK and _fair(pass_seconds, beside, lanes, n + 1):
         n += 1
     return n
 
@@ -101,16 +108,11 @@ def prefill_chunk(profile: CostProfile) -> Callable[[int], int]:
     efficient width (what prefills at nearly full speed: 16 tokens on a 2-core EPYC), so a request
     arriving meanwhile waits for one chunk, not for the whole prompt (models/joint.py)."""
     alone = efficient_width(profile, MAX_PREFILL_CHUNK)
+    curve = tuple(sorted(profile.target_pass_seconds.items()))
 
-    @lru_cache(maxsize=256)
     def chunk(others: int) -> int:
-        if others <= 0:
-            return alone
-        limit = FAIR_SLOWDOWN * profile.target_pass(others)
-        size = 1
-        while size < MAX_PREFILL_CHUNK and profile.target_pass(others + size + 1) <= limit:
-            size += 1
-        return size
+        # the fairness rule with `others` requests beside, one token each
+        return alone if others <= 0 else _fair_width(curve, others, others)
 
     return chunk
 

@@ -136,9 +136,9 @@ class JointPasses:
         this one, then return its logits."""
         call = _Call(prepared)
         with self._cond:
-            if prepared.preemptible and len(prepared.token_ids) > self.prompt_chunk(1 << 30):
+            if prepared.preemptible and len(prepared.token_ids) > self.prefill_chunk(self._members - 1):
                 # A request joined between this chunk's pricing and now: it is too wide for the batch
-                # it would run in; priced again (nothing of it ran).
+                # it would run in; priced again (nothing of it ran). (A cut chunk implies a chunk rule.)
                 prepared.model.abandon_forward(prepared)
                 raise PassPreempted(f"{prepared.model.name}: a prompt chunk priced before a request joined")
             self._pending.append(call)
