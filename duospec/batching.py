@@ -1,15 +1,16 @@
 """Continuous batching over one loaded pipeline: one Pipeline per lane, their passes joined.
 
-`open_lanes(pipe, count)` splits the target's (and a llama.cpp draft's) KV cache into `count` lanes
-(models/llamacpp.py's split_lanes) and returns a Pipeline for each: the same tokenizer, suffix history and measured
+`open_lanes(pipe, count)` splits the target's (and the draft's) KV cache into `count` lanes (llama.cpp:
+sequence ids of one context, models/llamacpp.py's split_lanes; transformers: cell lists of one shared
+cache, models/hf_lanes.py) and returns a Pipeline for each: the same tokenizer, suffix history and measured
 costs, its own caches, and budgets priced for the batch (budget/batch.py). Each lane's requests run in
 their own thread, inside `joint.member()`, through the ordinary round loop; models/joint.py's
 JointPasses runs the pending passes of all of them together. A lane's answers are its own: its tokens
 attend to its cells only, and the one verifier accepts its tree alone.
 
 What batching leaves out: `duo` (its draft process wants the cores a batch keeps busy: a lane refuses
-it, and `auto` never picks it), and the transformers backend (its cache holds one sequence; serve it
-with --max-batch 1).
+it, and `auto` never picks it), deterministic mode, and models that are not plain transformers or
+llama.cpp models (offloaded weights): serve those with --max-batch 1.
 """
 
 from __future__ import annotations
@@ -46,24 +47,41 @@ def batch_choice_note(profile: CostProfile, chosen: int) -> str:
 
 def check_batchable(pipe: Pipeline, count: int) -> None:
     """Refuse a batch this pipeline cannot run, saying what would."""
+    from duospec.models.hf import HFModel
+
     if not 1 <= count <= MAX_LANES:
         raise DuospecError(f"--max-batch must be in 1..{MAX_LANES}, got {count}")
-    if count > 1 and pipe.backend != "llama.cpp":
+    if count == 1:
+        return
+    if pipe.backend == "transformers" and type(pipe.target) is not HFModel:
         raise DuospecError(
-            f"continuous batching (--max-batch {count}) needs the llama.cpp backend; the target runs on {pipe.backend}, "
-            "whose cache holds one sequence: serve it with --max-batch 1, or use --backend llama.cpp with a GGUF target"
+            f"continuous batching (--max-batch {count}) runs plain transformers or llama.cpp targets; this one is "
+            f"{type(pipe.target).__name__} (offloaded weights): serve it with --max-batch 1"
         )
+    if pipe.backend not in ("transformers", "llama.cpp"):
+        raise DuospecError(f"continuous batching (--max-batch {count}) is not built for the {pipe.backend} backend; serve it with --max-batch 1")
+    if pipe.deterministic:
+        raise DuospecError(f"deterministic mode serves one request at a time: serve it with --max-batch 1, or drop --deterministic to batch {count}")
+
+
+def _splitter(model) -> Callable | None:
+    """The split_lanes of the model's backend, or None for a model that cannot be split."""
+    from duospec.models import hf_lanes, llamacpp
+    from duospec.models.hf import HFModel
+
+    if isinstance(model, llamacpp.LlamaCppModel):
+        return llamacpp.split_lanes
+    if type(model) is HFModel and not model.deterministic:
+        return hf_lanes.split_lanes
+    return None
 
 
 def open_lanes(pipe: Pipeline, count: int, on_pass: Callable[[PassRecord], None] | None = None) -> tuple[list[Pipeline], JointPasses]:
     """`count` lane pipelines over `pipe`'s models and the JointPasses their threads meet in. Each
-    model's KV cache grows to `count` times its context; `pipe` itself runs nothing afterwards.
+    model's KV cache holds `count` lanes (llama.cpp: `count` times its context); `pipe` itself runs nothing afterwards.
     on_pass hears every joint target pass (the server's metrics). Call after every cost the methods need is measured (server/run.py's warm-up):
     a lane never measures."""
-    from duospec.models.llamacpp import run_passes, split_lanes
-
     check_batchable(pipe, count)
-    target_key = id(pipe.target)  # the joint key of the target's passes (a draft's are not reported)
 
     def target_passes_only(record: PassRecord) -> None:
         if on_pass is not None and record.key == target_key:
@@ -71,12 +89,14 @@ def open_lanes(pipe: Pipeline, count: int, on_pass: Callable[[PassRecord], None]
 
     # The prompt chunks need the measured curve; a pipeline that never measured it (tests) is not made to.
     curve = pipe.costs.target_costs
-    joint = JointPasses(run_passes, target_passes_only, prefill_chunk(CostProfile(curve)) if curve else None)
+    joint = JointPasses(target_passes_only, prefill_chunk(CostProfile(curve)) if curve else None)
     # Lanes share prefixes only where the pipeline keeps them at all (--no-prefix-cache: every request cold).
-    targets = split_lanes(pipe.target, count, share_prefixes=pipe.prefix_cache)
+    targets = _splitter(pipe.target)(pipe.target, count, share_prefixes=pipe.prefix_cache)
+    target_key = targets[0].joint_key  # the key of the target's passes (a draft's are not reported)
     drafts: list = [None] * count
-    if pipe.has_draft and pipe.draft_backend == "llama.cpp":
-        drafts = split_lanes(pipe.draft, count, share_prefixes=pipe.prefix_cache)
+    split_draft = _splitter(pipe.draft) if pipe.has_draft else None
+    if split_draft is not None:
+        drafts = split_draft(pipe.draft, count, share_prefixes=pipe.prefix_cache)
     lanes = []
     for target, draft in zip(targets, drafts):
         for model in (target, draft):
@@ -92,7 +112,7 @@ def _lane_pipeline(pipe: Pipeline, target, draft, joint: JointPasses) -> Pipelin
     lane = copy.copy(pipe)
     lane.target = target
     lane._draft = draft
-    if draft is None:  # a draft that cannot be split (transformers) serves no lane: methods without one remain
+    if draft is None:  # a draft no backend can split serves no lane: methods without one remain
         lane.draft_source = None
     lane.costs = LaneCosts(pipe.costs, target)
     lane._duo = None

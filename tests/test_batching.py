@@ -16,11 +16,12 @@ import torch
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
 
+from lane_runs import PROMPTS, REQUESTS, run_batched, sampled_counts  # noqa: E402
 from tiny_gguf import write_gguf  # noqa: E402
 from tiny_models import EOS_ID, perturbed, tiny_model, tiny_tokenizer  # noqa: E402
 
 from duospec.api import Pipeline  # noqa: E402
-from duospec.batching import check_batchable, default_max_batch, open_lanes  # noqa: E402
+from duospec.batching import default_max_batch, open_lanes  # noqa: E402
 from duospec.budget.batch import UNFAIR, BatchPricedProfile  # noqa: E402
 from duospec.budget.model import CostProfile  # noqa: E402
 from duospec.config import DuospecError  # noqa: E402
@@ -28,18 +29,6 @@ from duospec.models.llamacpp import LlamaCppModel, LlamaCppSettings, split_lanes
 
 LANES = 4
 SETTINGS = LlamaCppSettings(context=256, batch=64, sequences=64, threads=1)
-PROMPTS = ["w1 w2 w3", "w5 w9 w5 w9 w5", "w20 w21 w22 w23 w24 w25 w26 w27 w28 w29 w30 w31", "w40", "w7 w7 w8", "w3 w1 w4 w1 w5 w9 w2 w6"]
-# (method, options): fixed budgets, so no request measures costs (a lane never measures)
-REQUESTS = [
-    ("ar", {}),
-    ("sd", {"gamma": 3}),
-    ("pld", {"gamma": 4}),
-    ("suffix", {"gamma": 8}),
-    ("specexec", {"tree_budget": 12, "tree_depth": 4}),
-    ("multiseq", {"gamma": 3}),
-]
-
-
 @pytest.fixture(scope="module")
 def gguf_files(tmp_path_factory):
     directory = tmp_path_factory.mktemp("gguf")
@@ -58,34 +47,6 @@ def solo_answers(gguf_files):
     """Every (prompt, method) answered alone, one at a time, on an unsplit pipeline."""
     pipe = pipeline(gguf_files, LlamaCppSettings(context=256, batch=64, sequences=16, threads=1))
     return {(prompt, method): pipe.generate(prompt, method=method, max_new_tokens=24, **options).token_ids for prompt in PROMPTS for method, options in REQUESTS}
-
-
-def run_batched(lanes, joint, jobs, on_done=None):
-    """Answer `jobs` (prompt, method, options) on the lanes: one thread per lane, each taking jobs
-    from a shared list as it finishes the last (requests join and leave while others run)."""
-    answers, errors, lock = {}, [], threading.Lock()
-    queue = list(jobs)
-
-    def worker(lane: Pipeline) -> None:
-        while True:
-            with lock:
-                if not queue:
-                    return
-                prompt, method, options = queue.pop(0)
-            try:
-                with joint.member():
-                    result = lane.generate(prompt, method=method, max_new_tokens=24, **options)
-                answers[(prompt, method)] = result.token_ids
-            except BaseException as error:  # reported below: a thread's exception is otherwise lost
-                errors.append(error)
-
-    threads = [threading.Thread(target=worker, args=(lane,)) for lane in lanes]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not errors, errors
-    return answers
 
 
 def test_batched_requests_equal_the_same_requests_alone(gguf_files, solo_answers):
@@ -121,11 +82,12 @@ def test_a_long_prompt_beside_decoding_requests_is_cut_into_chunks(gguf_files, s
     assert sum(record.prompt_lanes for record in passes) > len(jobs)  # some prompt took more than one pass
 
 
-def test_a_request_that_joins_stops_a_lone_prompt_chunk_and_both_answers_stay_exact(gguf_files, solo_answers):
+def test_a_request_that_joins_stops_a_lone_prompt_chunk_and_both_answers_stay_exact(gguf_files, solo_answers, monkeypatch):
     """A lone prompt prefills in wide chunks; a request that joins stops the chunk in flight (it does
     not wait for it), the stopped chunk leaves nothing in the cache and runs again narrower, and both
     answers are those of the requests alone."""
     from duospec.models.joint import PassPreempted
+    from duospec.models.llamacpp import PreparedPass
 
     pipe = pipeline(gguf_files, SETTINGS)
     lanes, joint = open_lanes(pipe, 2)
@@ -138,7 +100,7 @@ def test_a_request_that_joins_stops_a_lone_prompt_chunk_and_both_answers_stay_ex
             answers[(prompt, method)] = lane.generate(prompt, method=method, max_new_tokens=24, **options).token_ids
 
     newcomer = threading.Thread(target=answer, args=(lanes[1], short_prompt, "ar", {}))
-    real_run = joint.run_together
+    real_run = PreparedPass.run_together
 
     stop_flag = lanes[0].target._engine._stop_flag
 
@@ -158,7 +120,7 @@ def test_a_request_that_joins_stops_a_lone_prompt_chunk_and_both_answers_stay_ex
             runs.append(("stopped", sizes))
             raise
 
-    joint.run_together = run_together
+    monkeypatch.setattr(PreparedPass, "run_together", staticmethod(run_together))
     answer(lanes[0], long_prompt, "pld", {"gamma": 4})
     newcomer.join(60)
     assert not newcomer.is_alive()
@@ -281,13 +243,6 @@ def test_the_default_batch_comes_from_the_curve():
     assert default_max_batch(this_machine) == 16
 
 
-def test_batching_needs_llama_cpp(gguf_files):
-    from tiny_models import tiny_pipeline
-
-    with pytest.raises(DuospecError, match="needs the llama.cpp backend"):
-        check_batchable(tiny_pipeline(tiny_model(seed=0)), 2)
-
-
 # -- sampling keeps the target's law under batching ---------------------------------------------------
 def sampled_pair_counts(tmp_path, lenience: float, unrelated_draft: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """New tokens 2 and 3 of 2,000 seeded sd generations (gamma 2), answered by 4 lanes at once, and
@@ -305,27 +260,7 @@ def sampled_pair_counts(tmp_path, lenience: float, unrelated_draft: bool = False
     draft = tiny_model(seed=12, vocab_size=VOCAB) if unrelated_draft else perturbed(target, noise=0.3, seed=5)
     pipe.attach_draft(LlamaCppModel(write_gguf(draft, tmp_path / "d.gguf", chat=False), settings))
     lanes, joint = open_lanes(pipe, 4)
-    counts = torch.zeros(VOCAB, VOCAB)
-    seeds = list(range(SAMPLES))
-    lock = threading.Lock()
-
-    def worker(lane: Pipeline) -> None:
-        while True:
-            with lock:
-                if not seeds:
-                    return
-                seed = seeds.pop()
-            with joint.member():
-                tokens = lane.generate(PROMPT, method="sd", gamma=2, max_new_tokens=3, temperature=1.0, seed=seed, lenience=lenience).token_ids
-            with lock:
-                counts[tokens[1], tokens[2]] += 1
-
-    threads = [threading.Thread(target=worker, args=(lane,)) for lane in lanes]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(300)
-    assert counts.sum() == SAMPLES
+    counts = sampled_counts(lanes, joint, PROMPT, SAMPLES, VOCAB, lenience)
     return counts, exact_two_token_law(target, SamplingConfig(temperature=1.0))
 
 

@@ -56,7 +56,7 @@ def model_flags(checkpoints) -> list[str]:
 def server(checkpoints, tmp_path_factory):
     """One server for most tests: sd by default, an API key, a small queue and small limits."""
     process = ServerProcess(
-        [*model_flags(checkpoints), "--method", "sd", "--max-queue", "3", "--max-tokens", str(MAX_TOKENS_LIMIT),
+        [*model_flags(checkpoints), "--method", "sd", "--max-batch", "1", "--max-queue", "3", "--max-tokens", str(MAX_TOKENS_LIMIT),
          "--max-body-bytes", str(BODY_LIMIT), "--served-model-name", "tiny"],
         cache=tmp_path_factory.mktemp("server-cache"), env={"DUOSPEC_API_KEY": API_KEY},
     )
@@ -317,6 +317,31 @@ def stream_or_whole(server, body: dict) -> tuple[int, str, dict]:
         connection.close()
 
 
+def test_a_transformers_server_batches_requests_each_answered_as_alone(checkpoints, server, tmp_path):
+    """--max-batch 3 on the transformers backend (models/hf_lanes.py): 16 streamed requests of every
+    method from 6 clients at once give the texts the one-at-a-time server gives, and target passes
+    served several requests."""
+    wait_idle(server)
+    batched = ServerProcess([*model_flags(checkpoints), "--max-batch", "3", "--served-model-name", "tiny"], cache=tmp_path)
+    try:
+        assert re.search(r"batch 3, queue 8", batched.log)
+        jobs = [(prompt, method, 6 + 7 * index) for index, (prompt, method) in enumerate((p, m) for p in ("abc", "w1 w2 w3", "the cat", "xyz xyz") for m in ("ar", "sd", "pld", "specexec"))]
+
+        def body(prompt, method, max_tokens) -> dict:
+            return {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "method": method}
+
+        reference = {job: stream_or_whole(server, body(*job))[1] for job in jobs}
+        with ThreadPoolExecutor(6) as pool:
+            answers = dict(zip(jobs, pool.map(lambda job: stream_or_whole(batched, body(*job)), jobs)))
+        assert all(status == 200 for status, _, _ in answers.values())
+        mismatches = [job for job in jobs if answers[job][1] != reference[job]]
+        assert not mismatches, mismatches
+        passes, single = metric(batched, "duospec_batch_size_count"), metric(batched, "duospec_batch_size_bucket", '{le="1.0"}')
+        assert passes > single, "no target pass served more than one request"
+    finally:
+        batched.stop()
+
+
 def completion_connection(server, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse | None]:
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
     connection.request("POST", "/v1/completions", body=json.dumps(body), headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
@@ -393,7 +418,7 @@ def test_signal_cancels_the_stream_in_flight_exits_0_and_leaves_no_child(checkpo
     """With --method duo the draft runs in a child process: it must not outlive the server. (Ctrl-C
     is checked with sd: a duo server takes about 25 s to start here, its draft process's set-up.)"""
     queue = "0" if method == "sd" else "4"
-    server = ServerProcess([*model_flags(checkpoints), "--method", method, "--max-queue", queue], cache=tmp_path)
+    server = ServerProcess([*model_flags(checkpoints), "--method", method, "--max-batch", "1", "--max-queue", queue], cache=tmp_path)
     try:
         children = server.children()
         assert children or method != "duo", "duo's draft process should be running after the warm-up"

@@ -169,7 +169,7 @@ class HFModel:
     def keep(self, nodes: list[int]) -> None:
         self.held_prefix = None
         start = self._tree_start
-        _check_keep_path(nodes, self._cache_len - start)
+        check_keep_path(nodes, self._cache_len - start)
         nodes = list(nodes)
         if nodes == list(range(len(nodes))):
             self.crop(start + len(nodes))  # a chain prefix: cropping is enough
@@ -207,7 +207,7 @@ def cache_kwarg_name(model: torch.nn.Module) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def _check_keep_path(nodes: list[int], available: int) -> None:
+def check_keep_path(nodes: list[int], available: int) -> None:
     """Refuse anything but a root-first, strictly increasing path of indices in [0, available).
 
     `available` is the number of the last forward's tokens still in the cache. The gather in `keep`

@@ -1,7 +1,7 @@
 """Continuous batching: the forwards of several generating threads run as one pass per model.
 
-Each request generates in its own thread with its own lane (a Model of its own over a shared llama.cpp
-context, models/llamacpp.py's `open_lanes`), through the same round loop as a request alone. A lane's
+Each request generates in its own thread with its own lane (a Model of its own over a shared cache:
+models/llamacpp.py's or models/hf_lanes.py's `split_lanes`), through the same round loop as a request alone. A lane's
 `forward` prepares its pass and hands it here. Once every member thread waits on a forward, all pending
 passes run, one joint decode per model (target lanes together, draft lanes together), and every thread
 goes on with its own logits. So a round serves every active request, requests join and leave between
@@ -44,7 +44,7 @@ class PassPreempted(Exception):
 
 
 class JointPass(Protocol):
-    """A backend's prepared forward (llama.cpp: models/llamacpp.py's PreparedPass)."""
+    """A backend's prepared forward (models/llamacpp.py's PreparedPass, models/hf_lanes.py's LanePass)."""
 
     model: object  # the lane: prepare_forward, finish_forward, abandon_forward, interrupt, last_batch
     token_ids: object  # its tokens (len() is the pass's size)
@@ -54,6 +54,11 @@ class JointPass(Protocol):
     @property
     def joint_key(self) -> object:
         """Passes with equal keys run in one call of `run_together`."""
+        ...
+
+    @staticmethod
+    def run_together(passes: list) -> None:
+        """Run passes of one joint key as one pass of their model, filling each one's outputs."""
         ...
 
 
@@ -78,13 +83,10 @@ class _Call:
 
 @dataclass
 class JointPasses:
-    """The rendezvous of the member threads' forwards (see the module docstring).
+    """The rendezvous of the member threads' forwards (see the module docstring). Passes of one model
+    run through their own backend's `run_together`; on_pass is told of every joint pass (the server's
+    metrics)."""
 
-    run_together(passes): decodes passes of one model together (llama.cpp: models/llamacpp.run_passes).
-    on_pass: told of every joint pass (the server's metrics).
-    """
-
-    run_together: Callable[[list], None]
     on_pass: Callable[[PassRecord], None] | None = None
     # Prompt tokens a pass may take beside n other requests (budget/batch.py's prefill_chunk; n = 0:
     # the width that prefills at full speed), so a long prompt neither holds up their next tokens nor
@@ -189,7 +191,7 @@ class JointPasses:
         sizes = [len(prepared.token_ids) for prepared in passes]
         start = time.perf_counter()
         try:
-            self.run_together(passes)
+            passes[0].run_together(passes)
         except BaseException as error:  # every pass of the group failed or stopped: each lane drops what it wrote
             for call in group:
                 call.error = error
@@ -203,3 +205,27 @@ class JointPasses:
             drafting = sum(1 for prepared, size in zip(passes, sizes) if size > 1 and not prepared.last_only)
             prompts = sum(1 for prepared in passes if prepared.last_only)
             self.on_pass(PassRecord(passes[0].joint_key, len(passes), total, drafting, prompts, seconds))
+
+
+def prompt_in_chunks(lane, tokens: torch.Tensor, reduce) -> torch.Tensor:
+    """A lane's prompt pass as its joiner cuts it (JointPasses.prompt_chunk); a chunk that a joining
+    request stopped left nothing in the cache and runs again, priced anew. `lane` is a backend's lane
+    (prepare_forward, joiner)."""
+    while True:
+        piece = tokens[: lane.joiner.prompt_chunk(len(tokens))]
+        last = len(piece) == len(tokens)
+        prepared = lane.prepare_forward(piece, None, None, True, False, reduce if last else None)
+        prepared.preemptible = not last  # a cut chunk; the last piece would run again at the same width
+        try:
+            logits = lane.joiner.forward(prepared)
+        except PassPreempted:
+            continue
+        if last:
+            return logits
+        tokens = tokens[len(piece) :]
+
+
+def is_prompt_pass(positions, tree_mask, last_only: bool, extend_tree: bool) -> bool:
+    """A forward that a joined lane cuts into prompt chunks: the logits of its last token only, on a
+    plain chain after the cache."""
+    return last_only and positions is None and tree_mask is None and not extend_tree

@@ -43,7 +43,7 @@ from duospec.config import DuospecError
 from duospec.models import prefix
 from duospec.models.amx_probe import repack_allowed
 from duospec.models.base import reduce_blocks, usable_cores
-from duospec.models.joint import PassPreempted
+from duospec.models.joint import PassPreempted, is_prompt_pass, prompt_in_chunks
 
 INSTALL_HINT = (
     "the llama.cpp backend needs llama-cpp-python; install it with "
@@ -156,6 +156,7 @@ class LlamaCppModel:
         self._lanes_open = False
         self._siblings: list[LlamaCppModel] = []  # the other lanes of this cache (split_lanes), whose prefixes it may share
         self.joiner = None  # models/joint.py's JointPasses, for a lane whose passes join other lanes'
+        self.joint_key = id(self)  # passes of equal keys share one llama_decode: the lanes of this context (copies keep it)
         self.last_batch: tuple[int, int] = (0, 0)  # tokens and lanes beside this lane's last forward (joint passes)
 
     def set_threads(self, threads: int) -> None:
@@ -219,8 +220,8 @@ class LlamaCppModel:
         """Score `tokens` after the cache in one decode per n_batch tokens (with other lanes' pending
         passes when this lane has a joiner); see the module docstring."""
         if self.joiner is not None:
-            if last_only and positions is None and tree_mask is None and not extend_tree:
-                return _prompt_in_chunks(self, tokens, reduce)
+            if is_prompt_pass(positions, tree_mask, last_only, extend_tree):
+                return prompt_in_chunks(self, tokens, reduce)
             return self.joiner.forward(self.prepare_forward(tokens, positions, tree_mask, last_only, extend_tree, reduce))
         prepared = self.prepare_forward(tokens, positions, tree_mask, last_only, extend_tree, reduce)
         try:
@@ -488,25 +489,11 @@ class PreparedPass:
 
     @property
     def joint_key(self) -> int:
-        """Passes with the same key can share one llama_decode: those of one llama.cpp context."""
-        return id(self.model._engine)
+        return self.model.joint_key
 
-
-def _prompt_in_chunks(lane: LlamaCppModel, tokens: torch.Tensor, reduce) -> torch.Tensor:
-    """A lane's prompt pass as its joiner cuts it (models/joint.py's prompt_chunk); a chunk that a
-    joining request stopped left nothing in the cache and runs again, priced anew."""
-    while True:
-        piece = tokens[: lane.joiner.prompt_chunk(len(tokens))]
-        last = len(piece) == len(tokens)
-        prepared = lane.prepare_forward(piece, None, None, True, False, reduce if last else None)
-        prepared.preemptible = not last  # a cut chunk; the last piece would run again at the same width
-        try:
-            logits = lane.joiner.forward(prepared)
-        except PassPreempted:
-            continue
-        if last:
-            return logits
-        tokens = tokens[len(piece) :]
+    @staticmethod
+    def run_together(passes: list["PreparedPass"]) -> None:
+        run_passes(passes)
 
 
 def run_passes(passes: list[PreparedPass]) -> None:

@@ -24,7 +24,7 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:
         "serve",
         help="an OpenAI-compatible HTTP server (chat and text completions, streaming) on one loaded model pair",
         description="Serve the OpenAI API (POST /v1/chat/completions, POST /v1/completions, GET /v1/models) plus GET /health "
-        "and GET /metrics (Prometheus). Up to --max-batch requests generate at once (continuous batching on llama.cpp: their passes join); "
+        "and GET /metrics (Prometheus). Up to --max-batch requests generate at once (continuous batching: their passes join); "
         "up to --max-queue more wait, more than that get 503 with Retry-After.",
     )
     group = serve.add_argument_group("server")
@@ -36,8 +36,8 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:
     group.add_argument("--max-queue", type=int, default=8, help="requests that may wait beyond the running ones; more get 503 (default 8)")
     group.add_argument(
         "--max-batch", type=int, default=None,
-        help="requests that generate at once, their passes joined (continuous batching, llama.cpp backend); each gets --ctx-size cells "
-        "(default: chosen from the measured cost curve, the smallest batch within 90%% of the best tokens/s up to 16; 1 on transformers or with --method duo)",
+        help="requests that generate at once, their passes joined (continuous batching); on llama.cpp each gets --ctx-size cells "
+        "(default: chosen from the measured cost curve, the smallest batch within 90%% of the best tokens/s up to 16; 1 with --method duo or --deterministic)",
     )
     group.add_argument("--max-tokens", type=int, default=4096, help="the most tokens a request may ask for; also the default, within the context (default 4096)")
     group.add_argument("--max-prompt-tokens", type=int, default=None, help="the longest prompt accepted, in tokens (default: the context minus one)")
@@ -173,7 +173,11 @@ def _max_batch(pipe, args: argparse.Namespace) -> int:
     if args.max_batch is not None:
         check_batchable(pipe, args.max_batch)
         return args.max_batch
-    if pipe.backend != "llama.cpp" or args.method == "duo":
+    if args.method == "duo":
+        return 1
+    try:
+        check_batchable(pipe, 2)
+    except DuospecError:  # a target that cannot batch (deterministic, offloaded) serves one at a time
         return 1
     profile = pipe.costs.target_profile()
     chosen = default_max_batch(profile)

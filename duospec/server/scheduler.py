@@ -1,7 +1,7 @@
 """Generating threads, a bounded queue in front of them, and the events a request's handler reads.
 
-One generating thread per pipeline it is given. With one pipeline, requests run one at a time (the
-transformers backend, --max-batch 1, and `duo`, whose draft process is tied to the thread: its
+One generating thread per pipeline it is given. With one pipeline, requests run one at a time (--max-batch 1,
+deterministic mode, and `duo`, whose draft process is tied to the thread: its
 PR_SET_PDEATHSIG fires when the starting thread ends). With the lanes of a batch (duospec/batching.py)
 each lane's thread answers one request at a time and their passes join (models/joint.py): continuous
 batching, requests joining and leaving between passes. A thread lives as long as the server, and
