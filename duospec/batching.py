@@ -92,7 +92,7 @@ def open_lanes(pipe: Pipeline, count: int, on_pass: Callable[[PassRecord], None]
     joint = JointPasses(target_passes_only, prefill_chunk(CostProfile(curve)) if curve else None)
     # Lanes share prefixes only where the pipeline keeps them at all (--no-prefix-cache: every request cold).
     targets = _splitter(pipe.target)(pipe.target, count, share_prefixes=pipe.prefix_cache)
-    target_key = targets[0].joint_key  # the key of the target's passes (a draft's are not reported)
+    target_key = joint.target_key = targets[0].joint_key  # the key of the target's passes (a draft's are neither reported nor stopped)
     drafts: list = [None] * count
     split_draft = _splitter(pipe.draft) if pipe.has_draft else None
     if split_draft is not None:

@@ -75,6 +75,22 @@ class TokenTree:
         log_probs = None if self.log_probs is None else self.log_probs.to(device)
         return TokenTree(tokens=self.tokens.to(device), parents=self.parents, draft_probs=draft_probs, log_probs=log_probs)
 
+    def first(self, count: int) -> "TokenTree":
+        """The tree of its first `count` nodes (parents come first, so they form a tree). Verifying it
+        is as exact as verifying the whole: a chain's prefix is what the draft drew first, and a tree
+        is verified by target-sample matching, which reads no draft law. (A round whose pass must
+        narrow after drafting: engines/rounds.py.)"""
+        if not 1 <= count <= self.n_nodes:
+            raise ValueError(f"a tree of {self.n_nodes} nodes has no first {count}")
+        if count == self.n_nodes:
+            return self
+        return TokenTree(
+            tokens=self.tokens[:count],
+            parents=self.parents[:count],
+            draft_probs=None if self.draft_probs is None else self.draft_probs[: count - 1],
+            log_probs=None if self.log_probs is None else self.log_probs[:count],
+        )
+
     @property
     def n_nodes(self) -> int:
         return len(self.parents)

@@ -207,6 +207,61 @@ def test_a_request_that_joins_stops_a_lone_prompt_chunk_and_both_answers_stay_ex
     assert answers[(short_prompt, "ar")] == solo_answers[(short_prompt, "ar")]
 
 
+def test_a_request_that_joins_stops_a_wide_lone_tree_pass_and_the_round_narrows_it(models, solo_answers, monkeypatch):
+    """A lone SpecExec tree wider than what is fair beside one more request is stopped when a request
+    joins (it does not wait for the pass); the round scores the tree's first nodes, as many as the
+    fairness rule allows (pass_limit: 3 on this curve), beside the newcomer; both answers stay exact."""
+    from duospec.budget.batch import prefill_chunk
+    from duospec.budget.model import CostProfile
+
+    pipe = pipeline(*models)
+    lanes, joint = open_lanes(pipe, 2)
+    curve = CostProfile({1: 0.05, 4: 0.1, 8: 0.3, 16: 0.6})  # beside one request: t(1 + 3) <= 2 t(1) < t(1 + 4)
+    joint.prefill_chunk = prefill_chunk(curve)
+    for lane in lanes:
+        lane.target.fair_profile = curve
+    tree_prompt, short_prompt = PROMPTS[1], PROMPTS[3]
+    answers, target_runs = {}, []
+
+    def answer(lane, prompt, method, options):
+        with joint.member():
+            answers[(prompt, method)] = lane.generate(prompt, method=method, max_new_tokens=24, **options).token_ids
+
+    newcomer = threading.Thread(target=answer, args=(lanes[1], short_prompt, "ar", {}))
+    shared = lanes[0].target.shared
+    key = id(shared)
+    real_run = LanePass.run_together
+
+    def run_together(passes):
+        wide_tree = len(passes) == 1 and passes[0].preemptible and not passes[0].last_only
+        if passes[0].joint_key == key and wide_tree and not newcomer.is_alive() and not target_runs:
+            newcomer.start()  # joins while the lone tree's pass is in flight
+            for _ in range(10_000):
+                if shared.stop:
+                    break
+                threading.Event().wait(0.001)
+        sizes = {p.model.name.split("[")[-1].rstrip("]"): (len(p.token_ids), p.last_only) for p in passes}
+        try:
+            real_run(passes)
+            outcome = "ran"
+        except PassPreempted:
+            outcome = "stopped"
+            raise
+        finally:
+            if passes[0].joint_key == key and (target_runs or wide_tree):
+                target_runs.append((outcome, sizes))
+
+    monkeypatch.setattr(LanePass, "run_together", staticmethod(run_together))
+    answer(lanes[0], tree_prompt, "specexec", {"tree_budget": 12, "tree_depth": 4})
+    newcomer.join(60)
+    assert not newcomer.is_alive()
+    stopped, beside = target_runs[0], target_runs[1]
+    assert stopped[0] == "stopped" and stopped[1]["lane 0"][0] > 3  # the wide lone tree, stopped
+    assert beside[0] == "ran" and beside[1]["lane 0"] == (3, False) and "lane 1" in beside[1]  # its first 3 nodes, beside the newcomer
+    assert answers[(tree_prompt, "specexec")] == solo_answers[(tree_prompt, "specexec")]
+    assert answers[(short_prompt, "ar")] == solo_answers[(short_prompt, "ar")]
+
+
 def test_a_lane_shares_the_prefix_another_lane_holds(models, solo_answers):
     pipe = pipeline(*models)
     lanes, joint = open_lanes(pipe, 2)

@@ -226,3 +226,15 @@ def test_tree_is_immutable():
     tree = TokenTree.chain(torch.tensor([0, 1]))
     with pytest.raises(AttributeError):
         tree.parents = (-1, 0)  # type: ignore[misc]
+
+
+def test_the_first_nodes_of_a_tree_are_a_tree():
+    """What a round scores when a joining request narrows its pass (engines/rounds.py)."""
+    tree = TokenTree(tokens=torch.tensor([7, 3, 5, 9, 4]), parents=(-1, 0, 0, 1, 3), log_probs=torch.tensor([0.0, -0.1, -0.5, -0.7, -0.9]))
+    first = tree.first(4)
+    assert first.tokens.tolist() == [7, 3, 5, 9] and first.parents == (-1, 0, 0, 1) and first.log_probs.tolist() == pytest.approx([0.0, -0.1, -0.5, -0.7])
+    assert tree.first(5) is tree and tree.first(1).n_nodes == 1
+    chain = TokenTree.chain(torch.tensor([1, 2, 3]), draft_probs=torch.full((2, 4), 0.25))
+    assert chain.first(2).is_chain and chain.first(2).draft_probs.shape == (1, 4)  # the law of the draft kept
+    with pytest.raises(ValueError, match="no first 6"):
+        tree.first(6)

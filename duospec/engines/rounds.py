@@ -22,13 +22,18 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import torch
+
 from duospec.budget.batch import pass_limit
 from duospec.config import GenerationRequest
 from duospec.engines import steps
 from duospec.engines.in_process import InProcessSource
 from duospec.engines.source import Round, RoundSource
 from duospec.models.base import Model
+from duospec.models.joint import PassPreempted
 from duospec.stats import GenerationStats
+from duospec.tree import TokenTree
+from duospec.verify import Verdict
 
 
 def generate_tokens(
@@ -85,10 +90,7 @@ def generate_tokens(
 
             # 2-3. score, accept
             start, pass_start = time.perf_counter(), stats.target_seconds
-            if tree.log_probs is not None:  # a best-first tree (specexec): reduced scoring, no [n, V] logits
-                verdict = steps.accept_choices(tree, steps.score_choices(target, tree, sampling, generator, stats), stats)
-            else:
-                verdict = steps.accept(tree, steps.score(target, tree, stats), request, generator, stats)
+            tree, verdict = _score_and_accept(target, tree, request, generator, stats)
             pass_seconds = stats.target_seconds - pass_start
 
             # 4. keep
@@ -108,6 +110,22 @@ def generate_tokens(
                 return
     finally:
         source.end()
+
+
+def _score_and_accept(target: Model, tree: TokenTree, request: GenerationRequest, generator: torch.Generator, stats: GenerationStats) -> tuple[TokenTree, Verdict]:
+    """Score the tree in one target pass and accept a path: the tree scored and its verdict. Under
+    batching a request that joins may stop a wide pass (models/joint.py): the tree is then narrowed
+    to its first nodes, as many as the fairness rule allows beside the newcomer (budget/batch.py's
+    pass_limit), and scored again; the first nodes of a tree are a tree, verified as exactly."""
+    while True:
+        try:
+            if tree.log_probs is not None:  # a best-first tree (specexec): reduced scoring, no [n, V] logits
+                return tree, steps.accept_choices(tree, steps.score_choices(target, tree, request.sampling, generator, stats), stats)
+            return tree, steps.accept(tree, steps.score(target, tree, stats), request, generator, stats)
+        except PassPreempted:
+            if tree.n_nodes == 1:
+                raise  # never so: a lone root is no wide pass
+            tree = tree.first(max(1, min(pass_limit(target) or tree.n_nodes, tree.n_nodes - 1)))
 
 
 def _mark(timeline: list | None, kind: str, start: float) -> None:

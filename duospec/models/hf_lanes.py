@@ -150,7 +150,10 @@ class HFLane:
         joiner (a prompt cut into chunks), else alone."""
         if self.joiner is not None:
             if is_prompt_pass(positions, tree_mask, last_only, extend_tree):
-                return prompt_in_chunks(self, tokens, reduce)
+                start = len(self.cells)
+                logits = prompt_in_chunks(self, tokens, reduce)
+                self._tree_start = start  # its open chain: one pass's, not the last chunk's (a draft extends it)
+                return logits
             return self.joiner.forward(self.prepare_forward(tokens, positions, tree_mask, last_only, extend_tree, reduce))
         prepared = self.prepare_forward(tokens, positions, tree_mask, last_only, extend_tree, reduce)
         try:

@@ -13,9 +13,15 @@ so a long prompt delays their tokens by a bounded factor instead of by its whole
 tail no longer than one lone chunk goes in whole (a short request is not made to crawl beside a long
 one). Alone, chunks of the width that already prefills at full speed; a request that joins meanwhile
 stops the chunk in flight (`interrupt`: nothing of it stays in the cache), so it never waits for one
-(on llama.cpp's CPU backend, which checks the stop flag between graph nodes; a GPU backend finishes
-the chunk). Only chunks cut from a longer prompt can be stopped: a prompt's last piece would run again
-at the same width.
+(llama.cpp's CPU backend checks the stop flag between graph nodes, transformers lanes between decoder
+layers; llama.cpp's GPU backends finish the chunk). Only chunks cut from a longer prompt can be
+stopped: a prompt's last piece would run again at the same width.
+
+A round's target pass (a tree, a chain) follows the same rule: alone, a pass wider than what is fair
+beside one more request is stopped by a request that joins, and a pass drafted alone that meets a
+request joined meanwhile is not started; either way PassPreempted reaches the round loop, which
+scores the tree's first nodes, as many as are fair now (engines/rounds.py). A SpecExec tree of
+hundreds of tokens so never holds a newcomer's first token for its whole pass.
 
 Only one member thread runs Python at a time: it holds the baton from the moment it joins until it
 waits on a forward or leaves. The rounds of different requests then never interleave inside shared
@@ -39,8 +45,9 @@ import torch
 
 
 class PassPreempted(Exception):
-    """A prompt chunk stopped because a request joined; nothing of it stays in the cache, and the
-    lane's forward runs it again (priced for the batch that now includes the newcomer)."""
+    """A pass stopped (or not started) because a request joined; nothing of it stays in the cache. A
+    prompt chunk's forward runs it again, priced for the batch that now includes the newcomer; a
+    round's tree pass raises it to the round loop, which narrows the tree (engines/rounds.py)."""
 
 
 class JointPass(Protocol):
@@ -49,7 +56,7 @@ class JointPass(Protocol):
     model: object  # the lane: prepare_forward, finish_forward, abandon_forward, interrupt, last_batch
     token_ids: object  # its tokens (len() is the pass's size)
     last_only: bool  # a prompt's pass (logits of its last token only)
-    preemptible: bool  # a prompt chunk its forward runs again when stopped (PassPreempted)
+    preemptible: bool  # a pass a joining request may stop (PassPreempted): a prompt chunk, or a wide lone tree
 
     @property
     def joint_key(self) -> object:
@@ -92,11 +99,14 @@ class JointPasses:
     # the width that prefills at full speed), so a long prompt neither holds up their next tokens nor
     # keeps a newcomer out for its whole prefill; None: a prompt takes one pass.
     prefill_chunk: Callable[[int], int] | None = None
+    # The joint key of the target's passes: a lone target pass wider than what is fair beside one more
+    # request can be stopped by a request that joins, and its round narrows the tree (engines/rounds.py).
+    target_key: object = None
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _baton_held: bool = False
     _members: int = 0
     _pending: list[_Call] = field(default_factory=list)
-    _running_prompts: list[JointPass] = field(default_factory=list)  # a run of prompt chunks alone, in flight
+    _running_prompts: list[JointPass] = field(default_factory=list)  # stoppable passes in flight (prompt chunks, a wide lone tree)
 
     @property
     def members(self) -> int:
@@ -110,7 +120,7 @@ class JointPasses:
         moment it joins, so the next pass waits for its first forward (that is how it joins a batch)."""
         with self._cond:
             self._members += 1
-            for prepared in self._running_prompts:  # prompt chunks alone: stop them, this one joins now
+            for prepared in self._running_prompts:  # prompt chunks, or a wide lone tree: stop them, this one joins now
                 prepared.model.interrupt()
             self._take_baton()
         try:
@@ -143,6 +153,11 @@ class JointPasses:
                 # it would run in; priced again (nothing of it ran). (A cut chunk implies a chunk rule.)
                 prepared.model.abandon_forward(prepared)
                 raise PassPreempted(f"{prepared.model.name}: a prompt chunk priced before a request joined")
+            if self._wide_target_pass(prepared):
+                if self._members > 1:  # a tree drafted while alone, now beside a request that joined: narrowed first
+                    prepared.model.abandon_forward(prepared)
+                    raise PassPreempted(f"{prepared.model.name}: a tree drafted before a request joined")
+                prepared.preemptible = True  # alone: a request that joins stops it (member), its round narrows it
             self._pending.append(call)
             if len(self._pending) >= self._members:
                 self._run_pending()
@@ -154,6 +169,13 @@ class JointPasses:
         if call.error is not None:
             raise call.error
         return prepared.model.finish_forward(prepared)
+
+    def _wide_target_pass(self, prepared: JointPass) -> bool:
+        """A target pass, not a prompt's, wider than what is fair beside the others, or alone, beside
+        one request more (prefill_chunk prices both: the others' next tokens and this pass's)."""
+        if self.prefill_chunk is None or self.target_key is None or prepared.last_only or prepared.joint_key != self.target_key:
+            return False
+        return len(prepared.token_ids) > self.prefill_chunk(max(1, self._members - 1))
 
     def _take_baton(self) -> None:
         while self._baton_held:

@@ -164,11 +164,6 @@ class LlamaCppModel:
         self._lib.llama_set_n_threads(self._ctx, threads, threads)
         self.threads = threads
 
-    # -- metadata ---------------------------------------------------------------------------------
-    def end_of_generation_ids(self) -> frozenset[int]:
-        """The ids llama.cpp itself stops on (EOS, EOT and the model's other end-of-generation tokens)."""
-        return frozenset(i for i in range(self.vocab_size) if self._lib.llama_vocab_is_eog(self._vocab, i))
-
     # -- the Model protocol -----------------------------------------------------------------------
     def set_deterministic(self, enabled: bool) -> None:
         """Deterministic mode cannot be kept here (a multi-token pass runs other kernels than a decode)."""
@@ -221,7 +216,10 @@ class LlamaCppModel:
         passes when this lane has a joiner); see the module docstring."""
         if self.joiner is not None:
             if is_prompt_pass(positions, tree_mask, last_only, extend_tree):
-                return prompt_in_chunks(self, tokens, reduce)
+                start = self._cache_len
+                logits = prompt_in_chunks(self, tokens, reduce)
+                self._tree = _OpenTree(self, start, chain=self._cache_len - start)  # its open chain: one pass's, not the last chunk's
+                return logits
             return self.joiner.forward(self.prepare_forward(tokens, positions, tree_mask, last_only, extend_tree, reduce))
         prepared = self.prepare_forward(tokens, positions, tree_mask, last_only, extend_tree, reduce)
         try:
@@ -363,6 +361,11 @@ class LlamaCppModel:
             self.close()
         except Exception:  # interpreter shutdown: the library may be gone already
             pass
+
+
+def end_of_generation_ids(model: LlamaCppModel) -> frozenset[int]:
+    """The ids llama.cpp itself stops on (EOS, EOT and the model's other end-of-generation tokens)."""
+    return frozenset(i for i in range(model.vocab_size) if model._lib.llama_vocab_is_eog(model._vocab, i))
 
 
 def _open_context(model: LlamaCppModel) -> None:

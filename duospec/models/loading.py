@@ -118,7 +118,7 @@ def load_model(source: str, options: LoadOptions, *, name: str | None = None, pr
 def _load_llamacpp(source: str, options: LoadOptions, *, name: str | None, progress: bool) -> LoadedModel:
     import llama_cpp
 
-    from duospec.models.llamacpp import LlamaCppModel
+    from duospec.models.llamacpp import LlamaCppModel, end_of_generation_ids
     from duospec.models.registry import EMBEDDED_MODELS, ensure_gguf, gguf_dir, gguf_tokenizer
 
     spec = EMBEDDED_MODELS.get(source)
@@ -138,7 +138,7 @@ def _load_llamacpp(source: str, options: LoadOptions, *, name: str | None, progr
         identity = f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
     settings = options.llama if options.threads is None else replace(options.llama, threads=options.threads)
     model = LlamaCppModel(path, settings, name=name or source)
-    eos = set(model.end_of_generation_ids())
+    eos = set(end_of_generation_ids(model))
     if tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
     cost_identity = [
