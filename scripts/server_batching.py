@@ -1,9 +1,11 @@
 """Continuous batching under load: `duospec serve` (default --max-batch), the same with --max-batch 1,
-and llama-cpp-python's own server (`python -m llama_cpp.server`, same GGUF, same threads), in one run.
+and llama-cpp-python's own server (`python -m llama_cpp.server`, same GGUF, same threads), in one run;
+the same pair on the transformers backend (duospec-hf, duospec-hf-batch1).
 
     python scripts/server_batching.py --out docs/bench/server/batching
     python scripts/server_batching.py --clients 1,2,4 --max-tokens 16 --servers duospec,duospec-batch1
     python scripts/server_batching.py --clients 1,4 --servers duospec-batch1,duospec,duospec-duo --out /tmp/duo
+    python scripts/server_batching.py --clients 1,2,4,8 --max-tokens 16 --servers duospec-hf-batch1,duospec-hf --out docs/bench/server/batching-hf
 
 All servers start first (on loopback; an idle one costs no CPU). For each client count C, in turn on
 every server before the next count (so a machine whose speed drifts shifts all alike), C clients each
@@ -36,6 +38,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# Each batching server and the server answering one request at a time that its answers are compared with.
+BATCHING = {"duospec": "duospec-batch1", "duospec-hf": "duospec-hf-batch1"}
+SERVER_FLAGS = {
+    "duospec-batch1": ["--max-batch", "1"],
+    "duospec-duo": ["--method", "duo"],  # duo serves one request at a time (it does not batch: docs/server.md)
+    "duospec-hf": ["--backend", "transformers"],
+    "duospec-hf-batch1": ["--backend", "transformers", "--max-batch", "1"],
+}
 # Prompts whose answers run longer than --max-tokens, so every request generates the same number of tokens.
 TOPICS = ["caches", "compilers", "rivers", "trains", "chess", "bread", "satellites", "gardens", "libraries", "volcanoes", "bicycles", "owls", "bridges", "tea", "robots", "oceans"]
 READERS = ["a child", "a student", "an engineer", "a poet", "a historian", "a chef", "a pilot", "a doctor"]
@@ -58,7 +68,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2, help="requests per client at 1-4 clients (one each above: the run stays bounded)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="threads of every server (default: all cores)")
-    parser.add_argument("--servers", default="duospec-batch1,duospec,llama-cpp-server", help="duospec, duospec-batch1, duospec-duo (--method duo), llama-cpp-server; the --max-batch 1 server answers first: its answers are the reference")
+    parser.add_argument("--servers", default="duospec-batch1,duospec,llama-cpp-server", help="duospec, duospec-batch1, duospec-duo (--method duo), llama-cpp-server, duospec-hf, duospec-hf-batch1 (transformers backend); a --max-batch 1 server's answers are its batching server's reference")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench" / "server" / "batching")
     parser.add_argument("--reclassify", action="store_true", help="only re-score the mismatches of --out's results.json and rewrite its report")
     args = parser.parse_args()
@@ -84,9 +94,10 @@ def main() -> int:
             for name, (_, port, _) in servers.items():
                 print(f"{name}:", file=sys.stderr, end="", flush=True)
                 results["servers"][name]["levels"].append(load_level(port, count, args))
-        if "duospec" in servers:
-            results["servers"]["duospec"]["latency_checks"] = latency_checks(servers["duospec"][1])
-            results["curve"] = pass_curve(servers["duospec"][1])
+        for name in BATCHING:
+            if name in servers:
+                results["servers"][name]["latency_checks"] = latency_checks(servers[name][1])
+                results["servers"][name]["curve"] = pass_curve(servers[name][1])
     finally:
         for process, _, _ in servers.values():
             process.terminate()
@@ -106,11 +117,12 @@ def pass_curve(port: int) -> dict[int, float]:
     return {int(n): float(s) for n, s in re.findall(r'^duospec_target_pass_seconds\{tokens="(\d+)"\} (\S+)$', text, re.MULTILINE)}
 
 
-def curve_target(results: dict, clients: int = 8) -> dict | None:
+def curve_target(results: dict, name: str, clients: int = 8) -> dict | None:
     """The issue's throughput target at `clients`: 80% of what the measured curve allows for that
     batch, clients x t(1) / t(clients) times the one-client rate (of the same server)."""
-    curve = {int(n): s for n, s in results.get("curve", {}).items()}
-    levels = {row["clients"]: row for row in results["servers"].get("duospec", {}).get("levels", [])}
+    entry = results["servers"].get(name, {})
+    curve = {int(n): s for n, s in entry.get("curve", results.get("curve", {}) if name == "duospec" else {}).items()}
+    levels = {row["clients"]: row for row in entry.get("levels", [])}
     if 1 not in curve or clients not in curve or 1 not in levels or clients not in levels:
         return None
     allowed = clients * curve[1] / curve[clients] * levels[1]["tokens_per_second"]
@@ -148,9 +160,7 @@ def start_server(name: str, threads: int | None) -> tuple[subprocess.Popen, int,
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_listening(port, process)
         return process, port, " ".join(command[1:])
-    # duospec-duo: `--method duo`, which serves one request at a time (duo does not batch: docs/server.md)
-    batch = {"duospec-batch1": ["--max-batch", "1"], "duospec-duo": ["--method", "duo"]}.get(name, [])
-    command = [sys.executable, "-m", "duospec", "serve", "--port", "0", "--max-queue", "64", "--suffix-scope", "request", *batch, *thread_flags]
+    command = [sys.executable, "-m", "duospec", "serve", "--port", "0", "--max-queue", "64", "--suffix-scope", "request", *SERVER_FLAGS.get(name, []), *thread_flags]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=REPO)
     lines = []
     for line in process.stderr:
@@ -290,15 +300,16 @@ def slow_clients(port: int, count: int = 100, seconds: float = 8.0) -> None:
 
 
 def compare_with_one_at_a_time(results: dict) -> None:
-    """The batching server's answers against the --max-batch 1 server's for the same prompts."""
-    alone = results["servers"].get("duospec-batch1", {}).get("levels")
-    batched = results["servers"].get("duospec", {}).get("levels")
-    if not alone or not batched:
-        return
-    for one, many in zip(alone, batched):
-        many["mismatches"] = [
-            {"prompt": prompt, "text": text, "alone": one["answers"][prompt]} for prompt, text in many["answers"].items() if prompt in one["answers"] and text != one["answers"][prompt]
-        ]
+    """Each batching server's answers against its --max-batch 1 server's for the same prompts."""
+    for name, reference in BATCHING.items():
+        alone = results["servers"].get(reference, {}).get("levels")
+        batched = results["servers"].get(name, {}).get("levels")
+        if not alone or not batched:
+            continue
+        for one, many in zip(alone, batched):
+            many["mismatches"] = [
+                {"prompt": prompt, "text": text, "alone": one["answers"][prompt]} for prompt, text in many["answers"].items() if prompt in one["answers"] and text != one["answers"][prompt]
+            ]
 
 
 def classify_mismatches(results: dict) -> None:
@@ -310,13 +321,17 @@ def classify_mismatches(results: dict) -> None:
     with the prompt and common prefix fed in other chunkings (one pass, 16 tokens then one at a time,
     one at a time): when the two tokens change order between them, the difference is the backend's
     rounding (`flips_with_chunking`), not the batch's doing."""
-    mismatches = [m for entry in results["servers"].values() for row in entry.get("levels", []) for m in row.get("mismatches", [])]
-    if not mismatches:
-        return
     import duospec
     from duospec.bench.ties import divergence
 
-    pipe = duospec.load(progress=False)
+    for name, entry in results["servers"].items():
+        mismatches = [m for row in entry.get("levels", []) for m in row.get("mismatches", [])]
+        if mismatches:
+            classify_on(duospec.load(backend="transformers" if name == "duospec-hf" else "auto", progress=False), mismatches, divergence)
+
+
+def classify_on(pipe, mismatches: list[dict], divergence) -> None:
+    """classify_mismatches on one server's backend (its own rounding decides what a near-tie is)."""
     for mismatch in mismatches:
         prompt_ids = pipe.encode([{"role": "user", "content": mismatch["prompt"]}])
         ids_a = pipe.tokenizer.encode(mismatch["alone"], add_special_tokens=False)
@@ -369,11 +384,14 @@ def report(results: dict) -> str:
         if "latency_checks" in entry:
             lines.append(f"\n{name}, a 4-token request's latency: " + json.dumps(entry["latency_checks"]))
         lines.append(f"\n{name} started as:\n```text\n{entry['start_line']}\n```")
-    if results.get("curve"):
-        lines.append("\nTarget pass seconds by tokens per pass, as the batching server measured and budgets with: " + ", ".join(f"t({n}) {s:.3f}" for n, s in sorted((int(n), s) for n, s in results["curve"].items())))
-    target = curve_target(results)
-    if target:
-        lines.append(f"\nAt {target['clients']} clients the curve allows {target['allowed_tokens_per_second']} tok/s ({target['clients']} x t(1) / t({target['clients']}) times the one-client rate); measured {target['measured']}: {target['share_of_allowed']:.0%} of it (target 80%).")
+    for name in BATCHING:
+        entry = results["servers"].get(name, {})
+        curve = entry.get("curve", results.get("curve") if name == "duospec" else None)
+        if curve:
+            lines.append(f"\nTarget pass seconds by tokens per pass, as {name} measured and budgets with: " + ", ".join(f"t({n}) {s:.3f}" for n, s in sorted((int(n), s) for n, s in curve.items())))
+        target = curve_target(results, name)
+        if target:
+            lines.append(f"\n{name}: at {target['clients']} clients the curve allows {target['allowed_tokens_per_second']} tok/s ({target['clients']} x t(1) / t({target['clients']}) times the one-client rate); measured {target['measured']}: {target['share_of_allowed']:.0%} of it (target 80%).")
     return "\n".join(lines) + "\n"
 
 
