@@ -16,7 +16,7 @@ generated tokens per second over the wall time, p50/p95 seconds per request, and
 ended (200, 503, other). The batching server's answers are compared with the same prompts answered
 one at a time (the --max-batch 1 server's); a difference is re-scored on the target
 (duospec/bench/ties.py) and classified as a near-tie or not. Then, on the batching server, a 4-token request's latency: quiet,
-beside a nearly full-context prompt's prefill (about 3,800 tokens), beside a first specexec request, beside 100 slow clients. Writes
+beside a long prompt's prefill (--long-prompt-items; about 3,800 tokens by default), beside a first specexec request, beside 100 slow clients. Writes
 results.json, report.md and throughput.png to --out. Needs the `server` extra of llama-cpp-python for
 its row (sse-starlette, starlette-context, pydantic-settings); without it that row is skipped, saying so.
 """
@@ -58,8 +58,12 @@ def prompt_for(clients: int, client: int, turn: int) -> str:
 
 
 PROMPTS = [prompt_for(0, 0, turn) for turn in range(2)]  # the latency checks' disturbances
-# about 3,800 tokens with the chat template: nearly the whole 4096-token context of a request
-LONG_PROMPT = "Summarise the following text in one sentence. " + " ".join(f"Item {i}: the cache stores keys and values for token {i}." for i in range(210))
+
+
+def long_prompt(items: int) -> str:
+    """A prompt of about 18 tokens per item with the chat template: 210 items, about 3,800 tokens, nearly
+    the whole 4096-token context of a request."""
+    return "Summarise the following text in one sentence. " + " ".join(f"Item {i}: the cache stores keys and values for token {i}." for i in range(items))
 
 
 def main() -> int:
@@ -70,6 +74,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="threads of every server (default: all cores)")
     parser.add_argument("--servers", default="duospec-batch1,duospec,llama-cpp-server", help="duospec, duospec-batch1, duospec-duo (--method duo), llama-cpp-server, duospec-hf, duospec-hf-batch1 (transformers backend); a --max-batch 1 server's answers are its batching server's reference")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench" / "server" / "batching")
+    parser.add_argument("--long-prompt-items", type=int, default=210, help="the latency check's long prompt, about 18 tokens an item (210: about 3,800 tokens, nearly a 4096-token context)")
     parser.add_argument("--reclassify", action="store_true", help="only re-score the mismatches of --out's results.json and rewrite its report")
     args = parser.parse_args()
     if args.reclassify:
@@ -96,7 +101,7 @@ def main() -> int:
                 results["servers"][name]["levels"].append(load_level(port, count, args))
         for name in BATCHING:
             if name in servers:
-                results["servers"][name]["latency_checks"] = latency_checks(servers[name][1])
+                results["servers"][name]["latency_checks"] = latency_checks(servers[name][1], args.long_prompt_items)
                 results["servers"][name]["curve"] = pass_curve(servers[name][1])
     finally:
         for process, _, _ in servers.values():
@@ -251,7 +256,7 @@ def load_level(port: int, clients: int, args) -> dict:
     return row
 
 
-def latency_checks(port: int) -> dict:
+def latency_checks(port: int, long_prompt_items: int) -> dict:
     """A 4-token request's seconds: quiet (median of 3), then beside each disturbance (median of 2)."""
     def four() -> float:
         answer = ask(port, "Say hi.", 4)
@@ -261,7 +266,8 @@ def latency_checks(port: int) -> dict:
 
     quiet = statistics.median(four() for _ in range(3))
     checks = {"quiet_seconds": round(quiet, 3)}
-    for name, disturb in (("long_prompt", lambda: ask(port, LONG_PROMPT, 4)), ("first_specexec", lambda: ask(port, PROMPTS[0], 48, method="specexec")), ("slow_clients_100", lambda: slow_clients(port))):
+    checks["long_prompt_items"] = long_prompt_items
+    for name, disturb in (("long_prompt", lambda: ask(port, long_prompt(long_prompt_items), 4)), ("first_specexec", lambda: ask(port, PROMPTS[0], 48, method="specexec")), ("slow_clients_100", lambda: slow_clients(port))):
         with ThreadPoolExecutor(1) as pool:
             background = pool.submit(disturb)
             time.sleep(1.5)

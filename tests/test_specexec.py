@@ -1174,3 +1174,31 @@ def test_real_pair_float32_specexec_equals_ar():
             out = pipe.generate(ids, method="specexec", max_new_tokens=24, tree_budget=budget)
             assert out.token_ids == ar.token_ids, (prompt, budget, time.perf_counter() - started)
             assert out.stats.accepted_tokens > 0
+
+
+def test_the_tree_stops_growing_when_a_request_joins_the_batch():
+    """Under batching (models/joint.py) a request that joins mid-search ends the search at the level in
+    flight: the round's pass will be narrowed to what is fair beside the newcomer (engines/rounds.py),
+    so deeper levels would only hold up its tokens. Alone the search runs all its levels."""
+    from types import SimpleNamespace
+
+    target = tiny_model(seed=0)
+    context = [5, 6, 7, 8]
+
+    def levels_run(join_after_passes: int | None) -> int:
+        model = HFModel(perturbed(target, noise=0.2, seed=7))
+        model.joiner = SimpleNamespace(members=1)
+        real_forward, calls = model.forward, []
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == join_after_passes:
+                model.joiner.members = 2  # a request joins while this pass runs
+            return real_forward(*args, **kwargs)
+
+        model.forward = counted
+        SpecExecDrafter(model, target.config.vocab_size, depth=4).propose(context, DraftBudget(16), SamplingConfig(), None)
+        return len(calls) - 1  # the root's pass is not a level
+
+    assert levels_run(None) == 4
+    assert levels_run(2) == 1  # joined during the first level: no second one

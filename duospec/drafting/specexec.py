@@ -129,7 +129,13 @@ class SpecExecDrafter:
         pool.add_children(torch.zeros(1, dtype=torch.long, device=device), self._log_law(root_logits, sampling), search.children)
         pool.prune(search.budget)
         used = chain
+        joiner = getattr(self.model, "joiner", None)  # under batching (models/joint.py): the requests generating now
+        company = joiner.members if joiner is not None else 0
         for _ in range(search.passes):
+            if joiner is not None and joiner.members > company:
+                # A request joined: the round's pass will be narrowed to what is fair beside it
+                # (engines/rounds.py), so deeper levels would only hold up the newcomer's tokens.
+                break
             if self.model.tree_ids_left is None:
                 chosen = pool.best_unrun(search.width, search.passes)
             else:

@@ -235,7 +235,7 @@ class LanePass:
     reduce: Callable[[torch.Tensor], torch.Tensor] | None
     new_cells: list[int] = field(default_factory=list)
     output: torch.Tensor | None = None
-    preemptible: bool = False  # a prompt's chunk its forward runs again if a joining request stops it
+    preemptible: bool = False  # a joining request may stop it (a prompt chunk, a wide lone tree: models/joint.py)
 
     @property
     def joint_key(self) -> int:
