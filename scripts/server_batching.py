@@ -169,7 +169,8 @@ def start_server(name: str, threads: int | None) -> tuple[subprocess.Popen, int,
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=REPO)
     lines = []
     for line in process.stderr:
-        lines.append(line.strip())
+        if line.strip() and "Loading weights" not in line:  # transformers' progress bars are no start-up line
+            lines.append(line.strip())
         found = re.search(r"on http://127\.0\.0\.1:(\d+)/v1(.*)", line)
         if found:
             threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()  # keep draining its log

@@ -207,10 +207,13 @@ def test_a_request_that_joins_stops_a_lone_prompt_chunk_and_both_answers_stay_ex
     assert answers[(short_prompt, "ar")] == solo_answers[(short_prompt, "ar")]
 
 
-def test_a_request_that_joins_stops_a_wide_lone_tree_pass_and_the_round_narrows_it(models, solo_answers, monkeypatch):
+@pytest.mark.parametrize("stopped", ["target tree", "draft level"])
+def test_a_request_that_joins_stops_a_wide_lone_tree_pass_and_the_round_narrows_it(models, solo_answers, monkeypatch, stopped):
     """A lone SpecExec tree wider than what is fair beside one more request is stopped when a request
     joins (it does not wait for the pass); the round scores the tree's first nodes, as many as the
-    fairness rule allows (pass_limit: 3 on this curve), beside the newcomer; both answers stay exact."""
+    fairness rule allows (pass_limit: 3 on this curve), beside the newcomer. Or the newcomer joins
+    during a level of the search on the draft: that level stops, the search proposes the tree it has.
+    Both answers stay exact."""
     from duospec.budget.batch import prefill_chunk
     from duospec.budget.model import CostProfile
 
@@ -228,12 +231,12 @@ def test_a_request_that_joins_stops_a_wide_lone_tree_pass_and_the_round_narrows_
             answers[(prompt, method)] = lane.generate(prompt, method=method, max_new_tokens=24, **options).token_ids
 
     newcomer = threading.Thread(target=answer, args=(lanes[1], short_prompt, "ar", {}))
-    shared = lanes[0].target.shared
+    shared = (lanes[0].target if stopped == "target tree" else lanes[0]._draft).shared
     key = id(shared)
     real_run = LanePass.run_together
 
     def run_together(passes):
-        wide_tree = len(passes) == 1 and passes[0].preemptible and not passes[0].last_only
+        wide_tree = len(passes) == 1 and passes[0].preemptible and not passes[0].last_only and (stopped == "target tree" or passes[0].extends_tree)
         if passes[0].joint_key == key and wide_tree and not newcomer.is_alive() and not target_runs:
             newcomer.start()  # joins while the lone tree's pass is in flight
             for _ in range(10_000):
@@ -255,9 +258,11 @@ def test_a_request_that_joins_stops_a_wide_lone_tree_pass_and_the_round_narrows_
     answer(lanes[0], tree_prompt, "specexec", {"tree_budget": 12, "tree_depth": 4})
     newcomer.join(60)
     assert not newcomer.is_alive()
-    stopped, beside = target_runs[0], target_runs[1]
-    assert stopped[0] == "stopped" and stopped[1]["lane 0"][0] > 3  # the wide lone tree, stopped
-    assert beside[0] == "ran" and beside[1]["lane 0"] == (3, False) and "lane 1" in beside[1]  # its first 3 nodes, beside the newcomer
+    assert target_runs[0][0] == "stopped" and target_runs[0][1]["lane 0"][0] > 1  # the lone pass, stopped
+    if stopped == "target tree":
+        assert target_runs[0][1]["lane 0"][0] > 3
+        beside = target_runs[1]
+        assert beside[0] == "ran" and beside[1]["lane 0"] == (3, False) and "lane 1" in beside[1]  # its first 3 nodes, beside the newcomer
     assert answers[(tree_prompt, "specexec")] == solo_answers[(tree_prompt, "specexec")]
     assert answers[(short_prompt, "ar")] == solo_answers[(short_prompt, "ar")]
 

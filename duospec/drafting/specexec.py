@@ -35,6 +35,7 @@ from duospec.budget.policy import DraftBudget
 from duospec.config import SamplingConfig
 from duospec.models import prefix
 from duospec.models.base import Model
+from duospec.models.joint import PassPreempted
 from duospec.sampling import warp_probs
 from duospec.tree import TokenTree
 from duospec.verify import Verdict
@@ -150,7 +151,11 @@ class SpecExecDrafter:
                 break
             m = chosen.shape[0]
             mask = torch.cat([pool.seen[chosen, :used], torch.eye(m, dtype=torch.bool, device=device)], dim=1)
-            logits = self.model.forward(pool.tokens[chosen], root_position + pool.depth[chosen], mask, extend_tree=True)
+            try:
+                logits = self.model.forward(pool.tokens[chosen], root_position + pool.depth[chosen], mask, extend_tree=True)
+            except PassPreempted:  # a request joined and stopped this level (models/joint.py): the draft cache
+                self._keep_slots, self._valid = None, valid  # dropped the open tree with it; the tree so far is proposed
+                break
             pool.mark_run(chosen, used)
             used += m
             pool.add_children(chosen, self._log_law(logits, sampling), search.children)

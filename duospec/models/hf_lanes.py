@@ -182,7 +182,7 @@ class HFLane:
         if positions is None:
             positions = torch.arange(start, start + n_new)
         mask = None if tree_mask is None else tree_mask.to("cpu", torch.bool)
-        return LanePass(self, tokens.to("cpu", torch.long), positions.to("cpu", torch.long), mask, tree_start, last_only, reduce)
+        return LanePass(self, tokens.to("cpu", torch.long), positions.to("cpu", torch.long), mask, tree_start, last_only, reduce, extends_tree=extend_tree)
 
     def finish_forward(self, prepared: LanePass) -> torch.Tensor:
         """The logits (or reduced rows) of a pass that ran; the lane now holds its cells."""
@@ -233,6 +233,7 @@ class LanePass:
     tree_start: int  # the lane's committed length before the open tree this pass joins
     last_only: bool
     reduce: Callable[[torch.Tensor], torch.Tensor] | None
+    extends_tree: bool = False  # it grows the open tree (a SpecExec search level on the draft)
     new_cells: list[int] = field(default_factory=list)
     output: torch.Tensor | None = None
     preemptible: bool = False  # a joining request may stop it (a prompt chunk, a wide lone tree: models/joint.py)

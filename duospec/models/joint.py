@@ -21,7 +21,9 @@ A round's target pass (a tree, a chain) follows the same rule: alone, a pass wid
 beside one more request is stopped by a request that joins, and a pass drafted alone that meets a
 request joined meanwhile is not started; either way PassPreempted reaches the round loop, which
 scores the tree's first nodes, as many as are fair now (engines/rounds.py). A SpecExec tree of
-hundreds of tokens so never holds a newcomer's first token for its whole pass.
+hundreds of tokens so never holds a newcomer's first token for its whole pass. Likewise a lone
+level of a SpecExec search on the draft (a pass that extends an open tree): stopped, the search
+proposes the tree it has.
 
 Only one member thread runs Python at a time: it holds the baton from the moment it joins until it
 waits on a forward or leaves. The rounds of different requests then never interleave inside shared
@@ -57,6 +59,7 @@ class JointPass(Protocol):
     token_ids: object  # its tokens (len() is the pass's size)
     last_only: bool  # a prompt's pass (logits of its last token only)
     preemptible: bool  # a pass a joining request may stop (PassPreempted): a prompt chunk, or a wide lone tree
+    extends_tree: bool  # it grows a draft's open tree (a SpecExec search level), which may stop when alone
 
     @property
     def joint_key(self) -> object:
@@ -158,6 +161,8 @@ class JointPasses:
                     prepared.model.abandon_forward(prepared)
                     raise PassPreempted(f"{prepared.model.name}: a tree drafted before a request joined")
                 prepared.preemptible = True  # alone: a request that joins stops it (member), its round narrows it
+            elif prepared.extends_tree and self._members == 1 and len(prepared.token_ids) > 1:
+                prepared.preemptible = True  # a lone search level: stopped, the search proposes what it has (drafting/specexec.py)
             self._pending.append(call)
             if len(self._pending) >= self._members:
                 self._run_pending()

@@ -263,7 +263,7 @@ class LlamaCppModel:
             sequences = self._tree.extend(_parents_from_mask(tree_mask, 0), position_ids.tolist())
         else:
             self._tree = _OpenTree(self, start, chain=n_new)  # a chain on the home id: keep crops
-        return PreparedPass(self, token_ids, position_ids, sequences, start, last_only, reduce)
+        return PreparedPass(self, token_ids, position_ids, sequences, start, last_only, reduce, extends_tree=extend_tree)
 
     def adopt_prefix(self, tokens, own: int) -> int:
         """Where another lane of this cache holds a longer prefix of `tokens` than this lane's `own`,
@@ -488,7 +488,8 @@ class PreparedPass:
     last_only: bool
     reduce: Callable[[torch.Tensor], torch.Tensor] | None
     outputs: list[torch.Tensor] = field(default_factory=list)  # logits (or reduced) rows, per decode
-    preemptible: bool = False  # a prompt's chunk its forward runs again if a joining request stops it
+    extends_tree: bool = False  # it grows the open tree (a SpecExec search level on the draft)
+    preemptible: bool = False  # a joining request may stop it (a prompt chunk, a wide lone tree: models/joint.py)
 
     @property
     def joint_key(self) -> int:
