@@ -15,8 +15,8 @@ duospec drafts from each request's own text only (--suffix-scope request). The r
 generated tokens per second over the wall time, p50/p95 seconds per request, and how each request
 ended (200, 503, other). The batching server's answers are compared with the same prompts answered
 one at a time (the --max-batch 1 server's); a difference is re-scored on the target
-(duospec/bench/ties.py) and classified as a near-tie or not. Then, on the batching server, a 4-token request's latency: quiet,
-beside a long prompt's prefill (--long-prompt-items; about 3,800 tokens by default), beside a first specexec request, beside 100 slow clients. Writes
+(duospec/bench/ties.py) and classified as a near-tie or not. Then, on the batching server, a 4-token request's latency: quiet
+(just before each check), beside a long prompt's prefill (--long-prompt-items; about 3,800 tokens by default), beside a first specexec request, beside 100 slow clients. Writes
 results.json, report.md and throughput.png to --out. Needs the `server` extra of llama-cpp-python for
 its row (sse-starlette, starlette-context, pydantic-settings); without it that row is skipped, saying so.
 """
@@ -258,17 +258,18 @@ def load_level(port: int, clients: int, args) -> dict:
 
 
 def latency_checks(port: int, long_prompt_items: int) -> dict:
-    """A 4-token request's seconds: quiet (median of 3), then beside each disturbance (median of 2)."""
+    """A 4-token request's seconds beside each disturbance (median of 2), against its quiet seconds
+    measured just before that disturbance (median of 3): on a machine whose speed drifts over the
+    minutes a long prefill takes, a quiet value from the start would move every ratio with it."""
     def four() -> float:
         answer = ask(port, "Say hi.", 4)
         if answer["status"] != 200:
             raise RuntimeError(f"the 4-token request got {answer['status']}: {answer['text']}")
         return answer["seconds"]
 
-    quiet = statistics.median(four() for _ in range(3))
-    checks = {"quiet_seconds": round(quiet, 3)}
-    checks["long_prompt_items"] = long_prompt_items
+    checks: dict = {"long_prompt_items": long_prompt_items}
     for name, disturb in (("long_prompt", lambda: ask(port, long_prompt(long_prompt_items), 4)), ("first_specexec", lambda: ask(port, PROMPTS[0], 48, method="specexec")), ("slow_clients_100", lambda: slow_clients(port))):
+        quiet = statistics.median(four() for _ in range(3))
         with ThreadPoolExecutor(1) as pool:
             background = pool.submit(disturb)
             time.sleep(1.5)
@@ -277,9 +278,10 @@ def latency_checks(port: int, long_prompt_items: int) -> dict:
         if disturbance is not None:  # a request: it must have been answered, or nothing was beside the 4-token one
             checks[f"{name}_status"] = disturbance["status"]
             checks[f"{name}_disturbance_seconds"] = round(disturbance["seconds"], 2)
+        checks[f"{name}_quiet_seconds"] = round(quiet, 3)
         checks[f"{name}_seconds"] = round(seconds, 3)
         checks[f"{name}_ratio"] = round(seconds / quiet, 2)
-        print(f"  4-token request beside {name}: {seconds:.2f} s ({seconds / quiet:.2f}x quiet)", file=sys.stderr, flush=True)
+        print(f"  4-token request beside {name}: {seconds:.2f} s ({seconds / quiet:.2f}x its quiet {quiet:.2f} s just before)", file=sys.stderr, flush=True)
     return checks
 
 
