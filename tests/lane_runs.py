@@ -70,3 +70,35 @@ def sampled_counts(lanes, joint, prompt, samples: int, vocab: int, lenience: flo
         thread.join(300)
     assert counts.sum() == samples
     return counts
+
+
+def newcomer_during(monkeypatch, pass_class, newcomer: threading.Thread, starts_it, stop_raised) -> list:
+    """Let `newcomer` (a thread that joins the batch) start during the first joint pass for which
+    starts_it(passes) holds, and wait (at most 10 s) until its join has raised the stop flag
+    (stop_raised()). Returns the list of every joint pass run from then on, as it fills:
+    (outcome "ran" | "stopped", joint key, {"lane i": (tokens, last_only)})."""
+    from duospec.models.joint import PassPreempted
+
+    runs: list = []
+    real_run = pass_class.run_together
+
+    def run_together(passes) -> None:
+        if newcomer.ident is None and starts_it(passes):
+            newcomer.start()
+            for _ in range(10_000):
+                if stop_raised():
+                    break
+                threading.Event().wait(0.001)
+        sizes = {p.model.name.split("[")[-1].rstrip("]"): (len(p.token_ids), p.last_only) for p in passes}
+        try:
+            real_run(passes)
+            outcome = "ran"
+        except PassPreempted:
+            outcome = "stopped"
+            raise
+        finally:
+            if newcomer.ident is not None:
+                runs.append((outcome, passes[0].joint_key, sizes))
+
+    monkeypatch.setattr(pass_class, "run_together", staticmethod(run_together))
+    return runs

@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
 
-from lane_runs import PROMPTS, REQUESTS, run_batched, sampled_counts  # noqa: E402
+from lane_runs import PROMPTS, REQUESTS, newcomer_during, run_batched, sampled_counts  # noqa: E402
 from tiny_gguf import write_gguf  # noqa: E402
 from tiny_models import EOS_ID, perturbed, tiny_model, tiny_tokenizer  # noqa: E402
 
@@ -87,46 +87,27 @@ def test_a_request_that_joins_stops_a_lone_prompt_chunk_and_both_answers_stay_ex
     """A lone prompt prefills in wide chunks; a request that joins stops the chunk in flight (it does
     not wait for it), the stopped chunk leaves nothing in the cache and runs again narrower, and both
     answers are those of the requests alone."""
-    from duospec.models.joint import PassPreempted
     from duospec.models.llamacpp import PreparedPass
 
     pipe = pipeline(gguf_files, SETTINGS)
     lanes, joint = open_lanes(pipe, 2)
     joint.prefill_chunk = lambda others: 4 if others == 0 else 1  # a lone prompt: 4 tokens a pass; beside another: 1
     long_prompt, short_prompt = PROMPTS[2], PROMPTS[3]
-    answers, runs = {}, []
+    answers = {}
 
     def answer(lane, prompt, method, options):
         with joint.member():
             answers[(prompt, method)] = lane.generate(prompt, method=method, max_new_tokens=24, **options).token_ids
 
     newcomer = threading.Thread(target=answer, args=(lanes[1], short_prompt, "ar", {}))
-    real_run = PreparedPass.run_together
-
     stop_flag = lanes[0].target._engine._stop_flag
-
-    def run_together(passes):
-        if all(p.preemptible for p in passes) and not newcomer.is_alive() and not runs:
-            newcomer.start()  # joins while this lone chunk is in flight
-            deadline = threading.Event()
-            for _ in range(10_000):  # until its join has raised the stop flag (at most 10 s)
-                if stop_flag.raw[0]:
-                    break
-                deadline.wait(0.001)
-        sizes = {p.model.name.split("[")[-1].rstrip("]"): len(p.token_ids) for p in passes}
-        try:
-            real_run(passes)
-            runs.append(("ran", sizes))
-        except PassPreempted:
-            runs.append(("stopped", sizes))
-            raise
-
-    monkeypatch.setattr(PreparedPass, "run_together", staticmethod(run_together))
+    runs = newcomer_during(monkeypatch, PreparedPass, newcomer, lambda passes: all(p.preemptible for p in passes), lambda: stop_flag.raw[0])
     answer(lanes[0], long_prompt, "pld", {"gamma": 4})
     newcomer.join(60)
     assert not newcomer.is_alive()
-    assert runs[0] == ("stopped", {"lane 0": 4})  # the lone chunk stopped for the newcomer
-    assert runs[1][0] == "ran" and runs[1][1]["lane 0"] == 1 and "lane 1" in runs[1][1]  # then 1 token, beside the newcomer's prompt
+    runs = [run for run in runs if run[1] == lanes[0].target.joint_key]  # the target's
+    assert runs[0][0] == "stopped" and runs[0][2] == {"lane 0": (4, True)}  # the lone chunk stopped for the newcomer
+    assert runs[1][0] == "ran" and runs[1][2]["lane 0"] == (1, True) and "lane 1" in runs[1][2]  # then 1 token, beside the newcomer's prompt
     assert not stop_flag.raw[0]  # cleared once the stopped run ended
     assert answers[(long_prompt, "pld")] == solo_answers[(long_prompt, "pld")]
     assert answers[(short_prompt, "ar")] == solo_answers[(short_prompt, "ar")]

@@ -14,7 +14,7 @@ import threading
 
 import pytest
 import torch
-from lane_runs import PROMPTS, REQUESTS, run_batched, sampled_counts
+from lane_runs import PROMPTS, REQUESTS, newcomer_during, run_batched, sampled_counts
 from tiny_models import EOS_ID, perturbed, tiny_model, tiny_tokenizer
 
 from duospec.api import Pipeline
@@ -171,7 +171,7 @@ def test_a_request_that_joins_stops_a_lone_prompt_chunk_and_both_answers_stay_ex
     lanes, joint = open_lanes(pipe, 2)
     joint.prefill_chunk = lambda others: 4 if others == 0 else 1  # a lone prompt: 4 tokens a pass; beside another: 1
     long_prompt, short_prompt = PROMPTS[2], PROMPTS[3]
-    answers, runs = {}, []
+    answers = {}
 
     def answer(lane, prompt, method, options):
         with joint.member():
@@ -179,29 +179,13 @@ def test_a_request_that_joins_stops_a_lone_prompt_chunk_and_both_answers_stay_ex
 
     newcomer = threading.Thread(target=answer, args=(lanes[1], short_prompt, "ar", {}))
     shared = lanes[0].target.shared
-    real_run = LanePass.run_together
-
-    def run_together(passes):
-        if all(p.preemptible for p in passes) and not newcomer.is_alive() and not runs:
-            newcomer.start()  # joins while this lone chunk is in flight
-            for _ in range(10_000):  # until its join has raised the stop flag (at most 10 s)
-                if shared.stop:
-                    break
-                threading.Event().wait(0.001)
-        sizes = {p.model.name.split("[")[-1].rstrip("]"): len(p.token_ids) for p in passes}
-        try:
-            real_run(passes)
-            runs.append(("ran", sizes))
-        except PassPreempted:
-            runs.append(("stopped", sizes))
-            raise
-
-    monkeypatch.setattr(LanePass, "run_together", staticmethod(run_together))
+    runs = newcomer_during(monkeypatch, LanePass, newcomer, lambda passes: all(p.preemptible for p in passes), lambda: shared.stop)
     answer(lanes[0], long_prompt, "pld", {"gamma": 4})
     newcomer.join(60)
     assert not newcomer.is_alive()
-    assert runs[0] == ("stopped", {"lane 0": 4})
-    assert runs[1][0] == "ran" and runs[1][1]["lane 0"] == 1 and "lane 1" in runs[1][1]
+    runs = [run for run in runs if run[1] == id(shared)]  # the target's
+    assert runs[0][0] == "stopped" and runs[0][2] == {"lane 0": (4, True)}  # the lone chunk stopped for the newcomer
+    assert runs[1][0] == "ran" and runs[1][2]["lane 0"] == (1, True) and "lane 1" in runs[1][2]  # then 1 token, beside the newcomer's prompt
     assert not shared.stop
     assert answers[(long_prompt, "pld")] == solo_answers[(long_prompt, "pld")]
     assert answers[(short_prompt, "ar")] == solo_answers[(short_prompt, "ar")]
@@ -224,7 +208,7 @@ def test_a_request_that_joins_stops_a_wide_lone_tree_pass_and_the_round_narrows_
     for lane in lanes:
         lane.target.fair_profile = curve
     tree_prompt, short_prompt = PROMPTS[1], PROMPTS[3]
-    answers, target_runs = {}, []
+    answers = {}
 
     def answer(lane, prompt, method, options):
         with joint.member():
@@ -232,37 +216,21 @@ def test_a_request_that_joins_stops_a_wide_lone_tree_pass_and_the_round_narrows_
 
     newcomer = threading.Thread(target=answer, args=(lanes[1], short_prompt, "ar", {}))
     shared = (lanes[0].target if stopped == "target tree" else lanes[0]._draft).shared
-    key = id(shared)
-    real_run = LanePass.run_together
 
-    def run_together(passes):
-        wide_tree = len(passes) == 1 and passes[0].preemptible and not passes[0].last_only and (stopped == "target tree" or passes[0].extends_tree)
-        if passes[0].joint_key == key and wide_tree and not newcomer.is_alive() and not target_runs:
-            newcomer.start()  # joins while the lone tree's pass is in flight
-            for _ in range(10_000):
-                if shared.stop:
-                    break
-                threading.Event().wait(0.001)
-        sizes = {p.model.name.split("[")[-1].rstrip("]"): (len(p.token_ids), p.last_only) for p in passes}
-        try:
-            real_run(passes)
-            outcome = "ran"
-        except PassPreempted:
-            outcome = "stopped"
-            raise
-        finally:
-            if passes[0].joint_key == key and (target_runs or wide_tree):
-                target_runs.append((outcome, sizes))
+    def lone_wide_pass(passes) -> bool:
+        lone = len(passes) == 1 and passes[0].joint_key == id(shared) and passes[0].preemptible and not passes[0].last_only
+        return lone and (stopped == "target tree" or passes[0].extends_tree)
 
-    monkeypatch.setattr(LanePass, "run_together", staticmethod(run_together))
+    runs = newcomer_during(monkeypatch, LanePass, newcomer, lone_wide_pass, lambda: shared.stop)
     answer(lanes[0], tree_prompt, "specexec", {"tree_budget": 12, "tree_depth": 4})
     newcomer.join(60)
     assert not newcomer.is_alive()
-    assert target_runs[0][0] == "stopped" and target_runs[0][1]["lane 0"][0] > 1  # the lone pass, stopped
+    runs = [run for run in runs if run[1] == id(shared)]
+    assert runs[0][0] == "stopped" and runs[0][2]["lane 0"][0] > 1  # the lone pass, stopped
     if stopped == "target tree":
-        assert target_runs[0][1]["lane 0"][0] > 3
-        beside = target_runs[1]
-        assert beside[0] == "ran" and beside[1]["lane 0"] == (3, False) and "lane 1" in beside[1]  # its first 3 nodes, beside the newcomer
+        assert runs[0][2]["lane 0"][0] > 3
+        beside = runs[1]
+        assert beside[0] == "ran" and beside[2]["lane 0"] == (3, False) and "lane 1" in beside[2]  # its first 3 nodes, beside the newcomer
     assert answers[(tree_prompt, "specexec")] == solo_answers[(tree_prompt, "specexec")]
     assert answers[(short_prompt, "ar")] == solo_answers[(short_prompt, "ar")]
 

@@ -31,7 +31,7 @@ from duospec.models import prefix
 from duospec.models.base import reduce_blocks
 from duospec.models.hf import HFModel, check_keep_path
 from duospec.models.hf_cache import new_cache
-from duospec.models.joint import PassPreempted, is_prompt_pass, prompt_in_chunks
+from duospec.models.joint import PassPreempted, lane_forward
 
 MIN_GARBAGE = 256  # cells: below this many dropped cells, compaction is not worth a gather of the cache
 CHECK_EVERY = 64  # cells written between two looks at the garbage (a look unions every lane's cells)
@@ -148,20 +148,11 @@ class HFLane:
     def forward(self, tokens: torch.Tensor, positions=None, tree_mask=None, last_only: bool = False, extend_tree: bool = False, reduce=None) -> torch.Tensor:
         """Score `tokens` after this lane's cells: with other lanes' pending passes when it has a
         joiner (a prompt cut into chunks), else alone."""
-        if self.joiner is not None:
-            if is_prompt_pass(positions, tree_mask, last_only, extend_tree):
-                start = len(self.cells)
-                logits = prompt_in_chunks(self, tokens, reduce)
-                self._tree_start = start  # its open chain: one pass's, not the last chunk's (a draft extends it)
-                return logits
-            return self.joiner.forward(self.prepare_forward(tokens, positions, tree_mask, last_only, extend_tree, reduce))
-        prepared = self.prepare_forward(tokens, positions, tree_mask, last_only, extend_tree, reduce)
-        try:
-            run_lane_passes([prepared])
-        except BaseException:
-            self.abandon_forward(prepared)
-            raise
-        return self.finish_forward(prepared)
+        return lane_forward(self, tokens, positions, tree_mask, last_only, extend_tree, reduce)
+
+    def reopen_chain(self, start: int) -> None:
+        """The open tree is the chain from `start` on (a prompt passed in chunks, as one pass leaves it)."""
+        self._tree_start = start
 
     def interrupt(self, stop: bool = True) -> None:
         """Raise (stop=False: lower) the flag that stops a prompt chunk in flight between layers."""

@@ -234,6 +234,26 @@ class JointPasses:
             self.on_pass(PassRecord(passes[0].joint_key, len(passes), total, drafting, prompts, seconds))
 
 
+def lane_forward(lane, tokens: torch.Tensor, positions, tree_mask, last_only: bool, extend_tree: bool, reduce) -> torch.Tensor:
+    """A lane's `forward` on either backend: with a joiner, through it (a prompt cut into chunks, its
+    open chain then reopened whole, as one pass would leave it: a draft's search extends it); without
+    one, its own pass. `lane` has prepare_forward, finish_forward, abandon_forward, reopen_chain."""
+    if lane.joiner is not None:
+        if is_prompt_pass(positions, tree_mask, last_only, extend_tree):
+            start = lane.cache_len
+            logits = prompt_in_chunks(lane, tokens, reduce)
+            lane.reopen_chain(start)
+            return logits
+        return lane.joiner.forward(lane.prepare_forward(tokens, positions, tree_mask, last_only, extend_tree, reduce))
+    prepared = lane.prepare_forward(tokens, positions, tree_mask, last_only, extend_tree, reduce)
+    try:
+        prepared.run_together([prepared])
+    except BaseException:
+        lane.abandon_forward(prepared)
+        raise
+    return lane.finish_forward(prepared)
+
+
 def prompt_in_chunks(lane, tokens: torch.Tensor, reduce) -> torch.Tensor:
     """A lane's prompt pass as its joiner cuts it (JointPasses.prompt_chunk); a chunk that a joining
     request stopped left nothing in the cache and runs again, priced anew. `lane` is a backend's lane

@@ -43,7 +43,7 @@ from duospec.config import DuospecError
 from duospec.models import prefix
 from duospec.models.amx_probe import repack_allowed
 from duospec.models.base import reduce_blocks, usable_cores
-from duospec.models.joint import PassPreempted, is_prompt_pass, prompt_in_chunks
+from duospec.models.joint import PassPreempted, lane_forward
 
 INSTALL_HINT = (
     "the llama.cpp backend needs llama-cpp-python; install it with "
@@ -214,20 +214,11 @@ class LlamaCppModel:
     ) -> torch.Tensor:
         """Score `tokens` after the cache in one decode per n_batch tokens (with other lanes' pending
         passes when this lane has a joiner); see the module docstring."""
-        if self.joiner is not None:
-            if is_prompt_pass(positions, tree_mask, last_only, extend_tree):
-                start = self._cache_len
-                logits = prompt_in_chunks(self, tokens, reduce)
-                self._tree = _OpenTree(self, start, chain=self._cache_len - start)  # its open chain: one pass's, not the last chunk's
-                return logits
-            return self.joiner.forward(self.prepare_forward(tokens, positions, tree_mask, last_only, extend_tree, reduce))
-        prepared = self.prepare_forward(tokens, positions, tree_mask, last_only, extend_tree, reduce)
-        try:
-            run_passes([prepared])
-        except BaseException:
-            self.abandon_forward(prepared)
-            raise
-        return self.finish_forward(prepared)
+        return lane_forward(self, tokens, positions, tree_mask, last_only, extend_tree, reduce)
+
+    def reopen_chain(self, start: int) -> None:
+        """The open tree is the chain from `start` on (a prompt passed in chunks, as one pass leaves it)."""
+        self._tree = _OpenTree(self, start, chain=self._cache_len - start)
 
     def interrupt(self, stop: bool = True) -> None:
         """Raise (stop=False: lower) the stop flag of this model's context: a decode running in it raises PassPreempted."""
