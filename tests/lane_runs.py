@@ -72,6 +72,17 @@ def sampled_counts(lanes, joint, prompt, samples: int, vocab: int, lenience: flo
     return counts
 
 
+def answerer(joint, answers: dict, max_new_tokens: int = 24):
+    """answer(lane, prompt, method, options): one request on a lane, as a member of `joint`; its
+    tokens land in answers[(prompt, method)]."""
+
+    def answer(lane, prompt, method, options) -> None:
+        with joint.member():
+            answers[(prompt, method)] = lane.generate(prompt, method=method, max_new_tokens=max_new_tokens, **options).token_ids
+
+    return answer
+
+
 def newcomer_during(monkeypatch, pass_class, newcomer: threading.Thread, starts_it, stop_raised) -> list:
     """Let `newcomer` (a thread that joins the batch) start during the first joint pass for which
     starts_it(passes) holds, and wait (at most 10 s) until its join has raised the stop flag

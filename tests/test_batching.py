@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
 
-from lane_runs import PROMPTS, REQUESTS, newcomer_during, run_batched, sampled_counts  # noqa: E402
+from lane_runs import PROMPTS, REQUESTS, answerer, newcomer_during, run_batched, sampled_counts  # noqa: E402
 from tiny_gguf import write_gguf  # noqa: E402
 from tiny_models import EOS_ID, perturbed, tiny_model, tiny_tokenizer  # noqa: E402
 
@@ -94,10 +94,7 @@ def test_a_request_that_joins_stops_a_lone_prompt_chunk_and_both_answers_stay_ex
     joint.prefill_chunk = lambda others: 4 if others == 0 else 1  # a lone prompt: 4 tokens a pass; beside another: 1
     long_prompt, short_prompt = PROMPTS[2], PROMPTS[3]
     answers = {}
-
-    def answer(lane, prompt, method, options):
-        with joint.member():
-            answers[(prompt, method)] = lane.generate(prompt, method=method, max_new_tokens=24, **options).token_ids
+    answer = answerer(joint, answers)
 
     newcomer = threading.Thread(target=answer, args=(lanes[1], short_prompt, "ar", {}))
     stop_flag = lanes[0].target._engine._stop_flag

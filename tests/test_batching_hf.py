@@ -14,7 +14,7 @@ import threading
 
 import pytest
 import torch
-from lane_runs import PROMPTS, REQUESTS, newcomer_during, run_batched, sampled_counts
+from lane_runs import PROMPTS, REQUESTS, answerer, newcomer_during, run_batched, sampled_counts
 from tiny_models import EOS_ID, perturbed, tiny_model, tiny_tokenizer
 
 from duospec.api import Pipeline
@@ -172,10 +172,7 @@ def test_a_request_that_joins_stops_a_lone_prompt_chunk_and_both_answers_stay_ex
     joint.prefill_chunk = lambda others: 4 if others == 0 else 1  # a lone prompt: 4 tokens a pass; beside another: 1
     long_prompt, short_prompt = PROMPTS[2], PROMPTS[3]
     answers = {}
-
-    def answer(lane, prompt, method, options):
-        with joint.member():
-            answers[(prompt, method)] = lane.generate(prompt, method=method, max_new_tokens=24, **options).token_ids
+    answer = answerer(joint, answers)
 
     newcomer = threading.Thread(target=answer, args=(lanes[1], short_prompt, "ar", {}))
     shared = lanes[0].target.shared
@@ -209,10 +206,7 @@ def test_a_request_that_joins_stops_a_wide_lone_tree_pass_and_the_round_narrows_
         lane.target.fair_profile = curve
     tree_prompt, short_prompt = PROMPTS[1], PROMPTS[3]
     answers = {}
-
-    def answer(lane, prompt, method, options):
-        with joint.member():
-            answers[(prompt, method)] = lane.generate(prompt, method=method, max_new_tokens=24, **options).token_ids
+    answer = answerer(joint, answers)
 
     newcomer = threading.Thread(target=answer, args=(lanes[1], short_prompt, "ar", {}))
     shared = (lanes[0].target if stopped == "target tree" else lanes[0]._draft).shared

@@ -202,11 +202,7 @@ class HFLane:
     def adopt_prefix(self, tokens, own: int) -> int:
         """Where another lane holds a longer prefix of `tokens` than this lane's `own`, share its cells
         (no copy, no pass) and return that length; 0 when none holds more."""
-        best, donor = own, None
-        for lane in self._siblings:
-            length = prefix.reusable(lane, tokens) if lane is not self else 0
-            if length > best:
-                best, donor = length, lane
+        best, donor = prefix.longest_elsewhere(self, self._siblings, tokens, own)
         if donor is None:
             return 0
         self.cells, self._tree_start, self.held_prefix = donor.cells[:best], best, None

@@ -261,11 +261,7 @@ class LlamaCppModel:
         share its cells (llama.cpp's seq_cp tags the same cells with this lane's id: no copy, no pass)
         and hold that prefix instead; returns its length, or 0 when no lane holds more. A lane that is
         mid-round holds no record (every forward drops it), so only committed cells are shared."""
-        best, donor = own, None
-        for lane in self._siblings:
-            length = prefix.reusable(lane, tokens) if lane is not self else 0
-            if length > best:
-                best, donor = length, lane
+        best, donor = prefix.longest_elsewhere(self, self._siblings, tokens, own)
         if donor is None:
             return 0
         self.reset()

@@ -77,6 +77,17 @@ def reusable(model, tokens: Sequence[int]) -> int:
     return common_prefix(held.tokens, held.length, tokens, len(tokens) - 1)
 
 
+def longest_elsewhere(model, others, tokens: Sequence[int], own: int):
+    """(length, donor): the model among `others` (lanes sharing one cache with `model`) whose record
+    holds the longest reusable prefix of `tokens` longer than `own`; (own, None) when none does."""
+    best, donor = own, None
+    for other in others:
+        length = reusable(other, tokens) if other is not model else 0
+        if length > best:
+            best, donor = length, other
+    return best, donor
+
+
 def reuse(model, tokens: Sequence[int]) -> int:
     """Make the cache hold the reusable prefix of `tokens` and nothing else; return its length.
 
