@@ -47,21 +47,17 @@ def batch_choice_note(profile: CostProfile, chosen: int) -> str:
 
 def check_batchable(pipe: Pipeline, count: int) -> None:
     """Refuse a batch this pipeline cannot run, saying what would."""
-    from duospec.models.hf import HFModel
-
     if not 1 <= count <= MAX_LANES:
         raise DuospecError(f"--max-batch must be in 1..{MAX_LANES}, got {count}")
     if count == 1:
         return
-    if pipe.backend == "transformers" and type(pipe.target) is not HFModel:
-        raise DuospecError(
-            f"continuous batching (--max-batch {count}) runs plain transformers or llama.cpp targets; this one is "
-            f"{type(pipe.target).__name__} (offloaded weights): serve it with --max-batch 1"
-        )
-    if pipe.backend not in ("transformers", "llama.cpp"):
-        raise DuospecError(f"continuous batching (--max-batch {count}) is not built for the {pipe.backend} backend; serve it with --max-batch 1")
     if pipe.deterministic:
         raise DuospecError(f"deterministic mode serves one request at a time: serve it with --max-batch 1, or drop --deterministic to batch {count}")
+    if _splitter(pipe.target) is None:
+        raise DuospecError(
+            f"continuous batching (--max-batch {count}) runs plain transformers or llama.cpp targets; this one is "
+            f"{type(pipe.target).__name__} (offloaded weights, say): serve it with --max-batch 1"
+        )
 
 
 def _splitter(model) -> Callable | None:

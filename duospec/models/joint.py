@@ -109,7 +109,7 @@ class JointPasses:
     _baton_held: bool = False
     _members: int = 0
     _pending: list[_Call] = field(default_factory=list)
-    _running_prompts: list[JointPass] = field(default_factory=list)  # stoppable passes in flight (prompt chunks, a wide lone tree)
+    _stoppable: list[JointPass] = field(default_factory=list)  # stoppable passes in flight (prompt chunks, a wide lone tree)
 
     @property
     def members(self) -> int:
@@ -123,7 +123,7 @@ class JointPasses:
         moment it joins, so the next pass waits for its first forward (that is how it joins a batch)."""
         with self._cond:
             self._members += 1
-            for prepared in self._running_prompts:  # prompt chunks, or a wide lone tree: stop them, this one joins now
+            for prepared in self._stoppable:  # prompt chunks, or a wide lone tree: stop them, this one joins now
                 prepared.model.interrupt()
             self._take_baton()
         try:
@@ -199,16 +199,16 @@ class JointPasses:
         for call in calls:
             groups.setdefault(call.prepared.joint_key, []).append(call)
         if all(call.prepared.preemptible for call in calls):  # nobody decodes: a joining request may stop it
-            self._running_prompts = [call.prepared for call in calls]
+            self._stoppable = [call.prepared for call in calls]
         self._cond.release()
         try:
             for group in groups.values():
                 self._run_group(group)
         finally:
             self._cond.acquire()
-            for prepared in self._running_prompts:
+            for prepared in self._stoppable:
                 prepared.model.interrupt(False)
-            self._running_prompts = []
+            self._stoppable = []
             for call in calls:
                 call.done = True
             self._cond.notify_all()
@@ -239,7 +239,7 @@ def lane_forward(lane, tokens: torch.Tensor, positions, tree_mask, last_only: bo
     open chain then reopened whole, as one pass would leave it: a draft's search extends it); without
     one, its own pass. `lane` has prepare_forward, finish_forward, abandon_forward, reopen_chain."""
     if lane.joiner is not None:
-        if is_prompt_pass(positions, tree_mask, last_only, extend_tree):
+        if last_only and positions is None and tree_mask is None and not extend_tree:  # a prompt's pass: in chunks
             start = lane.cache_len
             logits = prompt_in_chunks(lane, tokens, reduce)
             lane.reopen_chain(start)
@@ -271,8 +271,3 @@ def prompt_in_chunks(lane, tokens: torch.Tensor, reduce) -> torch.Tensor:
             return logits
         tokens = tokens[len(piece) :]
 
-
-def is_prompt_pass(positions, tree_mask, last_only: bool, extend_tree: bool) -> bool:
-    """A forward that a joined lane cuts into prompt chunks: the logits of its last token only, on a
-    plain chain after the cache."""
-    return last_only and positions is None and tree_mask is None and not extend_tree
